@@ -1,0 +1,1 @@
+"""Outlier-aware post-training quantization for super-resolution networks."""
