@@ -1,0 +1,155 @@
+"""The real pretrained checkpoints in the shared folder: one table, and loaders that build them exactly."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from oaq_plugin import paths
+from oaq_plugin.archs.carn_arch import CARNM
+from oaq_plugin.archs.fsrcnn_arch import FSRCNN
+from oaq_plugin.archs.imdn_arch import IMDN
+from oaq_plugin.archs.pan_arch import PAN
+from oaq_plugin.archs.rfdn_arch import RFDN
+
+ZOO_ARCHS: Mapping[str, type] = MappingProxyType({
+    'IMDN': IMDN,
+    'PAN': PAN,
+    'RFDN': RFDN,
+    'CARNM': CARNM,
+    'FSRCNN': FSRCNN,
+})
+
+# The one architecture of the zoo that BasicSR itself provides.
+BASICSR_ARCH = 'SRVGGNetCompact'
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One pretrained checkpoint and how to build it.
+
+    Args:
+        key (str): Short name, e.g. ``'imdn_x2'``.
+        arch_type (str): Architecture name as written in a BasicSR ``network_g: type:`` option.
+        kwargs (Mapping[str, Any]): Constructor arguments of the architecture.
+        weight_path (str): Checkpoint path relative to the shared folder.
+        scale (int): Upsampling factor.
+        param_key (str | None): Key of the state dict inside the file, or None when the file is the state dict.
+        psnr_set5 (float | None): Verified full-precision PSNR-Y on Set5 (shared/weights/README.md).
+        psnr_set14 (float | None): Verified full-precision PSNR-Y on Set14.
+    """
+
+    key: str
+    arch_type: str
+    kwargs: Mapping[str, Any]
+    weight_path: str
+    scale: int
+    param_key: Optional[str] = None
+    psnr_set5: Optional[float] = None
+    psnr_set14: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        # Read-only view of a private copy: a frozen entry must not change through the caller's dict.
+        object.__setattr__(self, 'kwargs', MappingProxyType(dict(self.kwargs)))
+
+    def network_options(self) -> dict:
+        """The ``network_g:`` section of a BasicSR option file that builds this architecture."""
+        return {'type': self.arch_type, **self.kwargs}
+
+
+def _entries() -> dict:
+    entries = []
+    for scale, set5, set14 in ((2, 38.00, 33.63), (3, 34.36, 30.32), (4, 32.21, 28.58)):
+        entries.append(ZooEntry(f'imdn_x{scale}', 'IMDN', {'upscale': scale}, f'weights/IMDN/IMDN_x{scale}.pth',
+                                scale, psnr_set5=set5, psnr_set14=set14))
+    for scale, set5, set14 in ((2, 38.00, 33.59), (3, 34.40, 30.36), (4, 32.13, 28.61)):
+        entries.append(ZooEntry(f'pan_x{scale}', 'PAN', {'upscale': scale}, f'weights/PAN/PANx{scale}_DF2K.pth',
+                                scale, psnr_set5=set5, psnr_set14=set14))
+    entries.append(ZooEntry('rfdn_x4', 'RFDN', {'upscale': 4, 'img_range': 255.}, 'weights/RFDN/RFDN_AIM.pth', 4,
+                            psnr_set5=32.16, psnr_set14=28.65))
+    for scale, set5, set14 in ((2, 37.68, 33.30), (3, 34.06, 30.10), (4, 31.88, 28.42)):
+        entries.append(ZooEntry(f'carn_m_x{scale}', 'CARNM', {'upscale': scale}, 'weights/CARN/carn_m.pth', scale,
+                                psnr_set5=set5, psnr_set14=set14))
+    for scale, set5, set14 in ((2, 37.10, 32.71), (3, 32.59, 29.20), (4, 30.51, 27.55)):
+        entries.append(ZooEntry(f'fsrcnn_x{scale}', 'FSRCNN', {'upscale': scale},
+                                f'weights/FSRCNN/fsrcnn_x{scale}.pth', scale, psnr_set5=set5, psnr_set14=set14))
+    # A GAN model for anime video: its bicubic-benchmark PSNR is low by design, so fidelity to its own
+    # full-precision output is the meaningful measure; the PSNR is recorded only as a regression check.
+    entries.append(ZooEntry('srvgg_x4', BASICSR_ARCH,
+                            {'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 64, 'num_conv': 16, 'upscale': 4,
+                             'act_type': 'prelu'},
+                            'weights/SRVGGNetCompact/realesr-animevideov3.pth', 4, param_key='params',
+                            psnr_set5=28.23, psnr_set14=26.11))
+    return {entry.key: entry for entry in entries}
+
+
+ZOO: Mapping[str, ZooEntry] = MappingProxyType(_entries())
+
+
+def get_zoo_entry(key: str) -> ZooEntry:
+    """The table entry for ``key``, or a KeyError naming the closest valid key."""
+    try:
+        return ZOO[key]
+    except KeyError:
+        close = difflib.get_close_matches(key, ZOO.keys(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        raise KeyError(f"unknown zoo checkpoint '{key}'{hint} Valid keys: {', '.join(ZOO)}") from None
+
+
+def load_zoo_state_dict(entry: Union[ZooEntry, str], shared_root: Union[str, Path]) -> dict:
+    """Read a zoo checkpoint as a plain state dict whose keys match the architecture's parameter names.
+
+    Args:
+        entry (ZooEntry | str): The table entry, or its key.
+        shared_root (str | Path): The shared folder holding ``weights/``.
+
+    Returns:
+        dict: Tensor name to tensor, with any ``module.`` prefix removed.
+    """
+    if isinstance(entry, str):
+        entry = get_zoo_entry(entry)
+    path = Path(shared_root) / entry.weight_path
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{entry.key}' not found at {path}; set OAQ_SHARED to the shared "
+                                'folder that holds weights/')
+    loaded = torch.load(path, map_location='cpu', weights_only=True)
+    if entry.param_key is not None:
+        if entry.param_key not in loaded:
+            raise KeyError(f"checkpoint {path} has no '{entry.param_key}' entry; it holds {sorted(loaded)[:5]}")
+        loaded = loaded[entry.param_key]
+    # Checkpoints saved from nn.DataParallel carry the wrapper's attribute name in front of every key.
+    return {(name[len('module.'):] if name.startswith('module.') else name): tensor for name, tensor in loaded.items()}
+
+
+def _arch_class(arch_type: str) -> type:
+    if arch_type in ZOO_ARCHS:
+        return ZOO_ARCHS[arch_type]
+    if arch_type == BASICSR_ARCH:
+        from oaq_plugin.compat import install_basicsr_compat
+        install_basicsr_compat()
+        from basicsr.archs.srvgg_arch import SRVGGNetCompact
+        return SRVGGNetCompact
+    raise KeyError(f"no architecture named '{arch_type}'; known: {', '.join([*ZOO_ARCHS, BASICSR_ARCH])}")
+
+
+def build_zoo_model(key: str, shared_root: Union[str, Path, None] = None) -> nn.Module:
+    """Build a zoo checkpoint's network with its weights loaded strictly, in eval mode, on the CPU.
+
+    Args:
+        key (str): A key of ``ZOO``, e.g. ``'carn_m_x3'``.
+        shared_root (str | Path | None): The shared folder; default ``oaq_plugin.paths.shared_root()``.
+
+    Returns:
+        nn.Module: The network, taking and returning RGB [0, 1] images.
+    """
+    entry = get_zoo_entry(key)
+    if shared_root is None:
+        shared_root = paths.shared_root()
+    model = _arch_class(entry.arch_type)(**entry.kwargs)
+    model.load_state_dict(load_zoo_state_dict(entry, shared_root), strict=True)
+    return model.eval()

@@ -1,0 +1,327 @@
+"""The one configuration of the method: dataclasses that validate themselves.
+
+Every default lives here. ``OAQConfig`` maps one-to-one to the ``oaq:`` section of an option file;
+``OAQConfig.from_dict`` rejects unknown keys (naming the closest valid one), wrong types and values
+out of range with a :class:`~oaq_plugin.errors.ConfigError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from .errors import ConfigError, closest
+
+ACT_QUANTIZERS = ('dual_region', 'minmax', 'percentile', 'mse')
+LEVELS = ('paper', 'pwlq')
+WEIGHT_GRANULARITIES = ('channel', 'tensor')
+WEIGHT_GRIDS = ('paper', 'zero')
+PROTOCOLS = ('full', 'float_ends')
+BREAKPOINT_STATS = ('signed', 'abs')
+KERNELS = ('auto', 'triton', 'reference', 'fake')
+FINETUNE_MODES = ('sensitivity', 'vanilla')
+TAP_SETS = ('blocks', 'layers')
+IO_BACKENDS = ('disk', 'lmdb')
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def _choice(*values: str) -> Dict[str, Any]:
+    return {'choices': values}
+
+
+def _range(low: Optional[float] = None, high: Optional[float] = None) -> Dict[str, Any]:
+    return {'range': (low, high)}
+
+
+@dataclass
+class CalibConfig:
+    """Calibration data and statistics (METHOD.md §5).
+
+    Args:
+        dataroot_lq: Folder of LR images, or a BasicSR LMDB folder (``io_backend: lmdb``).
+        io_backend: ``disk`` or ``lmdb``.
+        num_images: How many images to use (``None``: all of them).
+        patch_size: Side of the random LR patches, in LR pixels.
+        batch_size: Patches per calibration batch.
+        num_batches: Calibration batches (the paper: one pass over its images, 16 patches a batch).
+        seed: Seed of the patch sampler; the same seed gives the same patches.
+        ema_beta: EMA factor across batches: theta <- beta*theta + (1-beta)*theta_batch.
+        percentile: Percentile that sets the breakpoint (dual-region) and the clip (percentile baseline).
+        breakpoint_stat: Percentile of the ``signed`` values (paper) or of ``abs`` values.
+        sample_size: Activation values kept per layer (bounded memory) for the MSE clip search and plots.
+    """
+
+    dataroot_lq: Optional[str] = None
+    io_backend: str = field(default='disk', metadata=_choice(*IO_BACKENDS))
+    num_images: Optional[int] = field(default=None, metadata=_range(1))
+    patch_size: int = field(default=96, metadata=_range(8))
+    batch_size: int = field(default=16, metadata=_range(1))
+    num_batches: int = field(default=6, metadata=_range(1))
+    seed: int = 0
+    ema_beta: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    percentile: float = field(default=99.0, metadata=_range(50.0, 100.0))
+    breakpoint_stat: str = field(default='signed', metadata=_choice(*BREAKPOINT_STATS))
+    sample_size: int = field(default=65536, metadata=_range(1024))
+
+
+@dataclass
+class SearchConfig:
+    """Per-layer search of breakpoint and clips by the error of the layer's output (issue: search stage).
+
+    Args:
+        enabled: Run the search; off keeps the fixed-percentile initialization of the paper.
+        breakpoint: Search the dual-region breakpoint.
+        act_clip: Search the activation bounds (lower/upper) as fractions of the observed range.
+        weight_clip: Search the weight clip by the layer output error (after the shrink search).
+        level_split: Also search how the levels are split between the dense region and the tails.
+        grid_size: Candidates per coarse grid.
+        refine_rounds: Finer grids around the best candidate.
+        num_samples: Calibration patches whose layer inputs are captured for the search.
+    """
+
+    enabled: bool = True
+    breakpoint: bool = True
+    act_clip: bool = True
+    weight_clip: bool = True
+    level_split: bool = False
+    grid_size: int = field(default=16, metadata=_range(2))
+    refine_rounds: int = field(default=2, metadata=_range(0))
+    num_samples: int = field(default=8, metadata=_range(1))
+
+
+@dataclass
+class FinetuneConfig:
+    """Sensitivity-aware finetuning (METHOD.md §6-7).
+
+    Args:
+        enabled: Run finetuning after calibration/search.
+        mode: ``sensitivity`` (SAFT: tap weights s_k) or ``vanilla`` (uniform tap weights).
+        epochs: Epochs; the groups u_w -> (l_a, u_a) -> bp train in turn, one group an epoch.
+        iters_per_epoch: Iterations per epoch.
+        batch_size: LR patches per iteration.
+        patch_size: Side of the LR patches.
+        lr: Adam learning rate of every group.
+        lr_decay: Each group's learning rate is multiplied by this after an epoch in which it trained.
+        rec_weight: lambda, the weight of the output reconstruction loss.
+        sen_weight: w_sen, the weight of the feature (sensitivity) loss.
+        temperature: Softmax temperature of the tap weights s_k.
+        taps: ``blocks`` (outputs of residual blocks) or ``layers`` (inputs of quantized layers).
+        seed: Seed of crops and augmentation.
+    """
+
+    enabled: bool = False
+    mode: str = field(default='sensitivity', metadata=_choice(*FINETUNE_MODES))
+    epochs: int = field(default=10, metadata=_range(1))
+    iters_per_epoch: int = field(default=50, metadata=_range(1))
+    batch_size: int = field(default=2, metadata=_range(1))
+    patch_size: int = field(default=96, metadata=_range(8))
+    lr: float = field(default=1e-3, metadata=_range(0.0))
+    lr_decay: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    rec_weight: float = field(default=5.0, metadata=_range(0.0))
+    sen_weight: float = field(default=10.0, metadata=_range(0.0))
+    temperature: float = field(default=1.0, metadata=_range(1e-6))
+    taps: str = field(default='blocks', metadata=_choice(*TAP_SETS))
+    seed: int = 0
+
+
+@dataclass
+class TileConfig:
+    """Tiled validation of large images. ``size: 0`` validates whole images."""
+
+    size: int = field(default=0, metadata=_range(0))
+    pad: int = field(default=16, metadata=_range(0))
+
+
+@dataclass
+class AnalysisConfig:
+    """Optional analyses written next to the results."""
+
+    layer_sensitivity: bool = False
+    num_images: int = field(default=4, metadata=_range(1))
+
+
+@dataclass
+class OAQConfig:
+    """The whole method, as the ``oaq:`` section of an option file.
+
+    Args:
+        w_bits: Weight bits of the body layers (2-8).
+        a_bits: Activation bits of the body layers (2-8).
+        act_quantizer: ``dual_region`` (the method) or a uniform baseline: ``minmax``, ``percentile``, ``mse``.
+        levels: Dual-region level allocation: ``paper`` (honest b-bit code) or ``pwlq`` ((b+1)-bit).
+        weight_granularity: ``channel`` (per output channel clips) or ``tensor`` (the paper).
+        weight_grid: ``paper`` (2^b levels, no zero level) or ``zero`` (symmetric grid with zero).
+        protocol: ``full`` (first/last/upsampler convs at W8A8) or ``float_ends`` (those left in float).
+        end_bits: Bits of first/last/upsampler layers under the ``full`` protocol.
+        layer_bits: Overrides by layer-name pattern (fnmatch): ``{pattern: [w_bits, a_bits]}``, an int for
+            both, or ``float`` to leave the layer unquantized. Later patterns win.
+        exclude: Layer-name patterns never quantized.
+        quantize_attention: Also quantize the operands of attention matmuls (transformers).
+        kernel: Backend at validation: ``auto`` (triton on CUDA, reference otherwise), ``triton``,
+            ``reference`` or ``fake``.
+        resume: Resume an interrupted calibration/finetuning run from its saved state.
+    """
+
+    w_bits: int = field(default=4, metadata=_range(MIN_BITS, MAX_BITS))
+    a_bits: int = field(default=4, metadata=_range(MIN_BITS, MAX_BITS))
+    act_quantizer: str = field(default='dual_region', metadata=_choice(*ACT_QUANTIZERS))
+    levels: str = field(default='paper', metadata=_choice(*LEVELS))
+    weight_granularity: str = field(default='channel', metadata=_choice(*WEIGHT_GRANULARITIES))
+    weight_grid: str = field(default='paper', metadata=_choice(*WEIGHT_GRIDS))
+    protocol: str = field(default='full', metadata=_choice(*PROTOCOLS))
+    end_bits: int = field(default=8, metadata=_range(MIN_BITS, MAX_BITS))
+    layer_bits: Dict[str, Any] = field(default_factory=dict)
+    exclude: List[str] = field(default_factory=list)
+    quantize_attention: bool = False
+    kernel: str = field(default='auto', metadata=_choice(*KERNELS))
+    resume: bool = False
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self, 'oaq')
+        _validate_layer_bits(self.layer_bits)
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]]) -> 'OAQConfig':
+        """Build from an option-file section, rejecting unknown keys and bad values."""
+        return _from_dict(cls, options or {}, 'oaq')
+
+    @classmethod
+    def coerce(cls, value: Union['OAQConfig', Mapping[str, Any], None]) -> 'OAQConfig':
+        """Accept a config, a mapping (an option-file section) or ``None`` (the defaults)."""
+        if isinstance(value, cls):
+            return value
+        if value is None or isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise ConfigError(f'oaq: expected an OAQConfig or a mapping, got {type(value).__name__}')
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict (JSON/YAML-ready) that ``from_dict`` turns back into this config."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> 'OAQConfig':
+        """A copy with some top-level fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def float_ends(self) -> bool:
+        """Whether first/last/upsampler layers stay in float."""
+        return self.protocol == 'float_ends'
+
+
+def _type_hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_dict(cls: type, options: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(options, Mapping):
+        raise ConfigError(f'{where}: expected a mapping of options, got {type(options).__name__} {options!r}')
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _type_hints(cls)
+    kwargs: Dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}'{closest(key, fields)}; valid keys: "
+                              f"{', '.join(fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value if value is not None else {}, f'{where}.{key}')
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f'{where}: {error}') from None
+
+
+def _validate(obj: Any, where: str) -> None:
+    hints = _type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f'{where}.{f.name}'
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(f'{name}: expected a mapping of options, got {value!r}')
+            continue
+        value = _check_type(value, hint, name)
+        setattr(obj, f.name, value)
+        choices = f.metadata.get('choices')
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{name}: unknown value '{value}'{closest(value, choices)}; "
+                              f"choose one of: {', '.join(choices)}")
+        bounds = f.metadata.get('range')
+        if bounds is not None and value is not None:
+            low, high = bounds
+            if (low is not None and value < low) or (high is not None and value > high):
+                span = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+                raise ConfigError(f'{name}: {value} is outside the valid range {span}')
+
+
+def _check_type(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], name)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f'{name}: expected true or false, got {value!r}')
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f'{name}: expected an integer, got {value!r}')
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f'{name}: expected a number, got {value!r}')
+        if value != value or value in (float('inf'), float('-inf')):
+            raise ConfigError(f'{name}: expected a finite number, got {value!r}')
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f'{name}: expected a string, got {value!r}')
+        return value
+    if origin in (list, List):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f'{name}: expected a list, got {value!r}')
+        return [_check_type(v, args[0], f'{name}[{i}]') for i, v in enumerate(value)] if args else list(value)
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f'{name}: expected a mapping, got {value!r}')
+        return dict(value)
+    return value
+
+
+def _validate_layer_bits(layer_bits: Mapping[str, Any]) -> None:
+    for pattern, bits in layer_bits.items():
+        parse_layer_bits(pattern, bits)
+
+
+def parse_layer_bits(pattern: str, bits: Any) -> Optional[tuple]:
+    """``(w_bits, a_bits)`` for a ``layer_bits`` entry, ``None`` for ``float``; raises on bad input."""
+    where = f"oaq.layer_bits['{pattern}']"
+    if not isinstance(pattern, str):
+        raise ConfigError(f'oaq.layer_bits: patterns must be strings, got {pattern!r}')
+    if bits == 'float':
+        return None
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        pair = (bits, bits)
+    elif isinstance(bits, (list, tuple)) and len(bits) == 2:
+        pair = tuple(bits)
+    else:
+        raise ConfigError(f"{where}: expected bits as an integer, [w_bits, a_bits] or 'float', got {bits!r}")
+    for b in pair:
+        if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+            raise ConfigError(f'{where}: bits must be integers in [{MIN_BITS}, {MAX_BITS}], got {bits!r}')
+    return pair

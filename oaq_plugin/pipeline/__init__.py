@@ -1,0 +1,1 @@
+"""Pipeline stages on top of the core: calibrate, search, finetune, export."""

@@ -1,0 +1,103 @@
+"""The dual-region activation quantizer of METHOD.md §3: a dense region and two outlier tails."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .activation import ActivationQuantizer
+from .observer import ObservedStats
+from .region_grid import MIN_STEP, Region, RegionGrid, endpoint_region
+
+
+def level_counts(bits: int, levels: str) -> tuple:
+    """``(dense, per_tail)`` level counts: paper 2^(b-1) and 2^(b-2); pwlq 2^b and 2^(b-1)."""
+    if levels == 'paper':
+        return 2 ** (bits - 1), max(1, 2 ** (bits - 2))
+    if levels == 'pwlq':
+        return 2 ** bits, 2 ** (bits - 1)
+    raise ValueError(f"levels must be 'paper' or 'pwlq', got {levels!r}")
+
+
+class DualRegionQuantizer(ActivationQuantizer):
+    """Dense region ``[-bp, bp]`` and outlier tails ``[lower, -bp)``, ``(bp, upper]``, each uniform.
+
+    ``lower``, ``upper`` and ``breakpoint`` are parameters; rounding is straight-through so
+    finetuning trains them. The one-sided case (``lower >= -bp`` or ``upper <= bp``) uses two affine
+    regions with the same total number of levels; degenerate parameters (``bp <= 0``, ``bp`` beyond
+    both bounds, a collapsed range) fall back to a uniform grid over ``[lower, upper]``.
+
+    Args:
+        bits: Activation bits b.
+        levels: ``paper`` (2^b codes, an honest b-bit code) or ``pwlq`` (2^(b+1) codes: (b+1)-bit).
+        breakpoint_stat: Initial breakpoint from the percentile of ``signed`` values or of ``abs`` values.
+        **kwargs: Observer settings (see :class:`ActivationQuantizer`).
+    """
+
+    def __init__(self, bits: int, levels: str = 'paper', breakpoint_stat: str = 'signed', **kwargs) -> None:
+        super().__init__(bits, **kwargs)
+        level_counts(bits, levels)
+        self.levels = levels
+        self.breakpoint_stat = breakpoint_stat
+        self.breakpoint = nn.Parameter(torch.tensor(0.5))
+        # Fraction of the levels given to the middle region; None keeps the paper/pwlq split.
+        self.register_buffer('dense_share', torch.tensor(float('nan')))
+
+    def _initialize_from(self, stats: ObservedStats, sample: torch.Tensor) -> None:
+        bp = stats.quantile_abs if self.breakpoint_stat == 'abs' else stats.quantile_high
+        self.set_bounds(stats.minimum, stats.maximum)
+        self.set_breakpoint(bp)
+
+    def set_breakpoint(self, value: float) -> None:
+        with torch.no_grad():
+            self.breakpoint.fill_(float(value))
+
+    def counts(self) -> tuple:
+        """``(dense, per_tail)`` level counts, with a searched split applied when one is set."""
+        dense, tail = level_counts(self.bits, self.levels)
+        share = float(self.dense_share)
+        if not math.isnan(share):
+            total = dense + 2 * tail
+            tail = max(1, int(round(total * (1.0 - share) / 2)))
+            dense = total - 2 * tail
+        return dense, tail
+
+    def is_degenerate(self) -> bool:
+        lower, upper, bp = float(self.lower), float(self.upper), float(self.breakpoint)
+        if not all(math.isfinite(v) for v in (lower, upper, bp)):
+            return True
+        if bp <= 0 or upper - lower <= MIN_STEP or bp >= max(abs(lower), upper):
+            return True
+        return lower >= -bp and upper <= bp
+
+    def grid(self) -> RegionGrid:
+        lower, upper, bp = self.lower, self.upper, self.breakpoint
+        dense, tail = self.counts()
+        total = dense + 2 * tail
+        if self.is_degenerate():
+            return RegionGrid(middle=endpoint_region(lower, upper, total))
+        has_low = float(lower) < -float(bp)
+        has_high = float(upper) > float(bp)
+        if has_low and has_high:
+            if self.levels == 'pwlq' and math.isnan(float(self.dense_share)):
+                step = torch.clamp(2 * bp / (2 ** self.bits - 1), min=MIN_STEP)
+                middle = Region(offset=torch.zeros_like(bp), step=step, index_min=-2 ** (self.bits - 1),
+                                index_max=2 ** (self.bits - 1) - 1)
+            else:
+                middle = endpoint_region(-bp, bp, dense)
+            return RegionGrid(middle=middle, low=endpoint_region(lower, -bp, tail),
+                              high=endpoint_region(bp, upper, tail), low_threshold=-bp, high_threshold=bp)
+        if has_high:
+            return RegionGrid(middle=endpoint_region(lower, bp, dense + tail),
+                              high=endpoint_region(bp, upper, tail), high_threshold=bp)
+        return RegionGrid(middle=endpoint_region(-bp, upper, dense + tail),
+                          low=endpoint_region(lower, -bp, tail), low_threshold=-bp)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info.update(breakpoint=float(self.breakpoint), levels=self.levels, degenerate=self.is_degenerate())
+        return info
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, breakpoint={float(self.breakpoint):.4g}, levels={self.levels}'

@@ -1,0 +1,109 @@
+"""The weight quantizer of METHOD.md §4: symmetric uniform grid with a learnable clip ``u_w``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .region_grid import MIN_STEP
+from .rounding import round_ste
+
+# alpha in {1.00, 0.99, ..., 0.11}: the shrink search of the paper.
+SHRINK_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(90))
+WEIGHT_GRIDS = ('paper', 'zero')
+
+
+class WeightQuantizer(nn.Module):
+    """Uniform symmetric weight quantizer, per tensor or per output channel.
+
+    ``paper`` grid: 2^b levels on ``[-u_w, u_w]`` (zero is not a level for even counts, as in the paper).
+    ``zero`` grid: 2^b - 1 levels ``k * u_w / (2^(b-1) - 1)`` that include zero.
+    Either way a weight decodes as ``(code - zero_point) * step`` with an unsigned integer ``code``.
+
+    Args:
+        bits: Weight bits b.
+        granularity: ``channel`` (one clip per output channel) or ``tensor``.
+        channel_axis: Axis of the output channels in the weight (1 for ConvTranspose2d, else 0).
+        grid: ``paper`` or ``zero``.
+    """
+
+    def __init__(self, bits: int, granularity: str = 'channel', channel_axis: int = 0, grid: str = 'paper') -> None:
+        super().__init__()
+        if granularity not in ('channel', 'tensor'):
+            raise ValueError(f"granularity must be 'channel' or 'tensor', got {granularity!r}")
+        if grid not in WEIGHT_GRIDS:
+            raise ValueError(f'grid must be one of {WEIGHT_GRIDS}, got {grid!r}')
+        self.bits = int(bits)
+        self.granularity = granularity
+        self.channel_axis = channel_axis
+        self.grid_kind = grid
+        self.clip = nn.Parameter(torch.tensor(1.0))
+
+    @property
+    def num_levels(self) -> int:
+        return 2 ** self.bits if self.grid_kind == 'paper' else 2 ** self.bits - 1
+
+    @property
+    def zero_point(self) -> float:
+        return (self.num_levels - 1) / 2.0
+
+    def _reduce_shape(self, weight: torch.Tensor) -> list:
+        shape = [1] * weight.dim()
+        if self.granularity == 'channel':
+            shape[self.channel_axis] = weight.shape[self.channel_axis]
+        return shape
+
+    def _abs_max(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.granularity == 'tensor':
+            return weight.abs().max().reshape([1] * weight.dim())
+        dims = [d for d in range(weight.dim()) if d != self.channel_axis]
+        return weight.abs().amax(dim=dims, keepdim=True)
+
+    def step(self, clip: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(2 * clip / (self.num_levels - 1), min=MIN_STEP)
+
+    def quantize_with(self, weight: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize with a given clip (straight-through rounding; gradients reach ``clip``)."""
+        clip = torch.clamp(clip, min=MIN_STEP)
+        step = self.step(clip)
+        code = round_ste((torch.clamp(weight, -clip, clip) + clip) / step)
+        return (code - self.zero_point) * step
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.quantize_with(weight, self.clip)
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor) -> None:
+        """Shrink search: the clip ``alpha * max|W|`` with the least squared error, per clip group."""
+        weight = weight.detach().float()
+        abs_max = torch.clamp(self._abs_max(weight), min=MIN_STEP)
+        dims = list(range(weight.dim())) if self.granularity == 'tensor' else \
+            [d for d in range(weight.dim()) if d != self.channel_axis]
+        best_error = torch.full_like(abs_max, float('inf'))
+        best_clip = abs_max.clone()
+        for alpha in SHRINK_FACTORS:
+            clip = abs_max * alpha
+            error = ((self.quantize_with(weight, clip) - weight) ** 2).sum(dim=dims, keepdim=True)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_clip = torch.where(better, clip, best_clip)
+        self.clip = nn.Parameter(best_clip)
+
+    @torch.no_grad()
+    def set_clip(self, clip: torch.Tensor) -> None:
+        self.clip.copy_(clip.reshape(self.clip.shape))
+
+    @torch.no_grad()
+    def integer_codes(self, weight: torch.Tensor) -> tuple:
+        """``(codes uint8, step, zero_point)`` with ``weight_q = (codes - zero_point) * step``."""
+        clip = torch.clamp(self.clip, min=MIN_STEP)
+        step = self.step(clip)
+        codes = torch.round((torch.clamp(weight, -clip, clip) + clip) / step)
+        return codes.to(torch.uint8), step.detach().clone(), self.zero_point
+
+    def describe(self) -> dict:
+        clip = self.clip.detach().reshape(-1)
+        return {'bits': self.bits, 'granularity': self.granularity, 'grid': self.grid_kind,
+                'clip_mean': float(clip.mean()), 'clip_max': float(clip.max())}
+
+    def extra_repr(self) -> str:
+        return f'bits={self.bits}, granularity={self.granularity}, grid={self.grid_kind}'

@@ -1,0 +1,23 @@
+"""Shared test fixtures: the basicsr compatibility alias and the shared-data location."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from oaq_plugin.compat import install_basicsr_compat
+from oaq_plugin.paths import shared_root
+
+install_basicsr_compat()
+os.environ.setdefault('TRITON_INTERPRET', '1')
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope='session')
+def shared():
+    """The shared data folder, or a skip naming where it was looked for."""
+    root = shared_root()
+    if not (root / 'weights').is_dir() or not (root / 'data').is_dir():
+        pytest.skip(f'shared data not found at {root}; set OAQ_SHARED to the folder holding weights/ and data/')
+    return root
