@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton kernels run in the interpreter on machines without a GPU; this must be set before they import.
+os.environ.setdefault('TRITON_INTERPRET', '1')
 
-from oaq_plugin.compat import install_basicsr_compat
-from oaq_plugin.paths import shared_root
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from oaq_plugin.compat import install_basicsr_compat  # noqa: E402
+from oaq_plugin.paths import shared_root  # noqa: E402
 
 install_basicsr_compat()
-os.environ.setdefault('TRITON_INTERPRET', '1')
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

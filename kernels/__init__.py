@@ -1,0 +1,1 @@
+"""Triton kernels for quantized layers (installed as ``oaq_plugin.kernels``)."""

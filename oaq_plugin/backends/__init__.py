@@ -1,0 +1,1 @@
+"""Execution backends for quantized layers: fake quantization, integer reference, Triton kernels."""

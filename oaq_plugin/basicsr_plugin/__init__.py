@@ -1,0 +1,1 @@
+"""BasicSR adapter: registration, the OAQ model, metrics and the test entry point."""

@@ -1,0 +1,1 @@
+"""mmengine adapter: a hook running the pipeline inside a Runner."""
