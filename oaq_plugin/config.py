@@ -249,6 +249,7 @@ def _validate(obj: Any, where: str) -> None:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, hint):
                 raise ConfigError(f'{name}: expected a mapping of options, got {value!r}')
+            _validate(value, name)
             continue
         value = _check_type(value, hint, name)
         setattr(obj, f.name, value)

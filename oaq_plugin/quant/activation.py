@@ -76,8 +76,8 @@ class ActivationQuantizer(nn.Module):
 
     def describe(self) -> dict:
         """Parameters as plain numbers, for reports."""
-        return {'kind': type(self).__name__, 'bits': self.bits, 'lower': float(self.lower),
-                'upper': float(self.upper), 'breakpoint': None, 'num_codes': self.num_codes}
+        return {'kind': type(self).__name__, 'bits': self.bits, 'lower': float(self.lower.detach()),
+                'upper': float(self.upper.detach()), 'breakpoint': None, 'num_codes': self.num_codes}
 
     def extra_repr(self) -> str:
-        return f'bits={self.bits}, lower={float(self.lower):.4g}, upper={float(self.upper):.4g}'
+        return f'bits={self.bits}, lower={float(self.lower.detach()):.4g}, upper={float(self.upper.detach()):.4g}'

@@ -64,7 +64,7 @@ class DualRegionQuantizer(ActivationQuantizer):
         return dense, tail
 
     def is_degenerate(self) -> bool:
-        lower, upper, bp = float(self.lower), float(self.upper), float(self.breakpoint)
+        lower, upper, bp = (float(t.detach()) for t in (self.lower, self.upper, self.breakpoint))
         if not all(math.isfinite(v) for v in (lower, upper, bp)):
             return True
         if bp <= 0 or upper - lower <= MIN_STEP or bp >= max(abs(lower), upper):
@@ -77,8 +77,8 @@ class DualRegionQuantizer(ActivationQuantizer):
         total = dense + 2 * tail
         if self.is_degenerate():
             return RegionGrid(middle=endpoint_region(lower, upper, total))
-        has_low = float(lower) < -float(bp)
-        has_high = float(upper) > float(bp)
+        has_low = float(lower.detach()) < -float(bp.detach())
+        has_high = float(upper.detach()) > float(bp.detach())
         if has_low and has_high:
             if self.levels == 'pwlq' and math.isnan(float(self.dense_share)):
                 step = torch.clamp(2 * bp / (2 ** self.bits - 1), min=MIN_STEP)
@@ -96,8 +96,8 @@ class DualRegionQuantizer(ActivationQuantizer):
 
     def describe(self) -> dict:
         info = super().describe()
-        info.update(breakpoint=float(self.breakpoint), levels=self.levels, degenerate=self.is_degenerate())
+        info.update(breakpoint=float(self.breakpoint.detach()), levels=self.levels, degenerate=self.is_degenerate())
         return info
 
     def extra_repr(self) -> str:
-        return f'{super().extra_repr()}, breakpoint={float(self.breakpoint):.4g}, levels={self.levels}'
+        return f'{super().extra_repr()}, breakpoint={float(self.breakpoint.detach()):.4g}, levels={self.levels}'

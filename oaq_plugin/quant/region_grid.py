@@ -108,10 +108,10 @@ class RegionGrid:
         def region(r: Optional[Region]) -> Optional[dict]:
             if r is None:
                 return None
-            return {'offset': float(r.offset), 'step': float(r.step), 'index_min': r.index_min,
+            return {'offset': float(r.offset.detach()), 'step': float(r.step.detach()), 'index_min': r.index_min,
                     'index_max': r.index_max}
         return {
             'low': region(self.low), 'middle': region(self.middle), 'high': region(self.high),
-            'low_threshold': None if self.low_threshold is None else float(self.low_threshold),
-            'high_threshold': None if self.high_threshold is None else float(self.high_threshold),
+            'low_threshold': None if self.low_threshold is None else float(self.low_threshold.detach()),
+            'high_threshold': None if self.high_threshold is None else float(self.high_threshold.detach()),
         }
