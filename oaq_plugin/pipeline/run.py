@@ -48,7 +48,8 @@ def calibration_batches(calib: CalibrationData, config: OAQConfig) -> tuple:
 
 def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConfig, dict, None] = None,
                  progress: bool = False, example_input: Optional[torch.Tensor] = None,
-                 calib_indices: Optional[List[int]] = None) -> PipelineResult:
+                 calib_indices: Optional[List[int]] = None,
+                 finetune_source: Optional[PatchSource] = None) -> PipelineResult:
     """Quantize a copy of ``model`` and return it with the per-stage reports.
 
     Args:
@@ -58,9 +59,11 @@ def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConf
         progress: Show progress bars.
         example_input: Input used to detect layer roles (default: one calibration sample).
         calib_indices: Global batch indices of ``calib`` under distributed calibration.
+        finetune_source: Pool finetuning crops from (default: the calibration data).
     """
     config = OAQConfig.coerce(config)
     batches, source = calibration_batches(calib, config)
+    source = finetune_source or source
     device = model_device(model)
     example = example_input if example_input is not None else batches[0][:1].to(device)
     timings: Dict[str, float] = {}

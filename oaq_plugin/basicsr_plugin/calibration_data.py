@@ -1,0 +1,115 @@
+"""Calibration images from the ``oaq.calib`` section: a folder of LR images or a BasicSR LMDB.
+
+Images are read the way BasicSR reads them (BGR -> RGB, [0, 1]) and loaded on demand, so memory
+does not grow with the number of images. Grayscale images are repeated to three channels, 16-bit
+images rescaled, alpha dropped; unreadable images and images smaller than 8 pixels are skipped with
+a warning naming the file; an empty or missing source is refused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from ..config import CalibConfig
+from ..errors import ConfigError, DataError
+from ..pipeline.patches import PatchSource
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+MIN_SIDE = 8
+logger = logging.getLogger('oaq_plugin')
+
+
+def decode_image(data: bytes, name: str) -> torch.Tensor:
+    """RGB float tensor (3, H, W) in [0, 1] from encoded image bytes; raises DataError if unreadable."""
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if array is None:
+        raise DataError(f'cannot decode calibration image {name}: not a readable image file')
+    scale = 65535.0 if array.dtype == np.uint16 else 255.0
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    elif array.shape[2] == 4:
+        array = array[..., :3]
+    elif array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    rgb = array[..., ::-1].astype(np.float32) / scale
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+def _folder_entries(root: Path) -> List[Tuple[str, Callable[[], bytes]]]:
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [(str(p), (lambda p=p: p.read_bytes())) for p in files]
+
+
+def _lmdb_entries(root: Path) -> List[Tuple[str, Callable[[], bytes]]]:
+    import lmdb
+    meta = root / 'meta_info.txt'
+    if not meta.is_file():
+        raise DataError(f'LMDB {root} has no meta_info.txt; write it with tools/make_calib_lmdb.py')
+    keys = []
+    for number, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if not parts or len(parts) > 3:
+            raise DataError(f'{meta}: line {number} is not "<key> [(h,w,c)] [compression]": {line!r}')
+        keys.append(parts[0])
+    if not keys:
+        raise DataError(f'{meta} lists no image')
+    try:
+        env = lmdb.open(str(root), readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as error:
+        raise DataError(f'cannot open LMDB {root}: {error}') from None
+
+    def reader(key: str) -> Callable[[], bytes]:
+        def read() -> bytes:
+            with env.begin(write=False) as txn:
+                value = txn.get(key.encode('ascii'))
+            if value is None:
+                raise DataError(f'LMDB {root}: key {key!r} from meta_info.txt is missing')
+            return bytes(value)
+        return read
+
+    return [(f'{root}:{key}', reader(key)) for key in keys]
+
+
+def calibration_source(calib: CalibConfig) -> PatchSource:
+    """The pool of calibration images described by ``oaq.calib`` (checked, lazily loaded)."""
+    if not calib.dataroot_lq:
+        raise ConfigError('oaq.calib.dataroot_lq is missing: give a folder of LR calibration images '
+                          '(or an LMDB with io_backend: lmdb); calibration never uses the test sets')
+    root = Path(os.path.expanduser(calib.dataroot_lq))
+    if not root.exists():
+        raise DataError(f'calibration folder {root} does not exist (oaq.calib.dataroot_lq)')
+    is_lmdb = calib.io_backend == 'lmdb' or root.suffix == '.lmdb' or (root / 'data.mdb').exists()
+    entries = _lmdb_entries(root) if is_lmdb else _folder_entries(root)
+    if not entries:
+        raise DataError(f'calibration folder {root} holds no image ({", ".join(IMAGE_SUFFIXES)})')
+    if calib.num_images is not None and calib.num_images < len(entries):
+        entries = random.Random(calib.seed).sample(entries, calib.num_images)
+        entries.sort(key=lambda entry: entry[0])
+    names, loaders = [], []
+    for name, read in entries:
+        try:
+            image = decode_image(read(), name)
+        except DataError as error:
+            logger.warning('skipping calibration image: %s', error)
+            continue
+        if min(image.shape[-2:]) < MIN_SIDE:
+            logger.warning('skipping calibration image %s: %dx%d is smaller than %d pixels', name,
+                           image.shape[-1], image.shape[-2], MIN_SIDE)
+            continue
+        if min(image.shape[-2:]) < calib.patch_size:
+            logger.warning('calibration image %s (%dx%d) is smaller than patch_size %d: patches are cut smaller',
+                           name, image.shape[-1], image.shape[-2], calib.patch_size)
+        names.append(name)
+        loaders.append(lambda read=read, name=name: decode_image(read(), name))
+    if not loaders:
+        raise DataError(f'no usable calibration image in {root}: every file was unreadable or too small')
+    return PatchSource(loaders, names)

@@ -1,0 +1,101 @@
+"""The ``oaq_report.json`` of a run: config, per-layer parameters, per-dataset metrics, timings, memory."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..quant.dual_region import DualRegionQuantizer
+from ..quant.layers import quant_layers
+from .run import PipelineResult
+
+
+def layer_rows(qmodel: nn.Module) -> List[Dict[str, Any]]:
+    """One row per quantized layer: bits, activation range, breakpoint, weight clip, outlier fraction."""
+    rows = []
+    for name, layer in quant_layers(qmodel):
+        act = layer.act_quantizer
+        sample = act.observer.sample() if act.observer is not None else torch.empty(0)
+        clip = layer.weight_quantizer.clip.detach().reshape(-1)
+        rows.append({
+            'name': name,
+            'role': layer.role,
+            'w_bits': layer.weight_quantizer.bits,
+            'a_bits': act.bits,
+            'quantizer': type(act).__name__,
+            'lower': float(act.lower.detach()),
+            'upper': float(act.upper.detach()),
+            'breakpoint': float(act.breakpoint.detach()) if isinstance(act, DualRegionQuantizer) else None,
+            'w_clip': float(clip.mean()) if clip.numel() > 1 else float(clip),
+            'w_clip_max': float(clip.max()),
+            'outlier_fraction': act.outlier_fraction(sample) if sample.numel() else None,
+            'mean_std': act.observed.mean_std if act.observed is not None else None,
+            'backend': layer.executor_name,
+        })
+    return rows
+
+
+def peak_memory() -> Dict[str, Optional[float]]:
+    """Peak resident memory of this process (MiB) and, on CUDA, peak allocated GPU memory (MiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mib = rss / (1024 * 1024) if sys.platform == 'darwin' else rss / 1024
+    cuda = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+    return {'cpu_peak_rss_mib': round(rss_mib, 1), 'cuda_peak_allocated_mib': None if cuda is None else round(cuda, 1)}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(handle, 'w') as stream:
+            json.dump(data, stream, indent=2, default=_json_default)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, 'to_dict'):
+        return value.to_dict()
+    return str(value)
+
+
+class RunReport:
+    """Accumulates what a run measured and rewrites ``oaq_report.json`` after every change."""
+
+    def __init__(self, path: Path, result: PipelineResult, extra: Optional[Dict[str, Any]] = None) -> None:
+        self.path = Path(path)
+        self.data: Dict[str, Any] = {
+            'config': result.config.to_dict(),
+            'layers': layer_rows(result.model),
+            'datasets': {},
+            'timings': {**{k: round(v, 3) for k, v in result.timings.items()}, 'validate_s': 0.0},
+            'search': result.search.to_dict() if result.search is not None else None,
+            'finetune': result.finetune.to_dict() if result.finetune is not None else None,
+            **(extra or {}),
+        }
+
+    def add_dataset(self, name: str, metrics: Dict[str, Any], validate_s: float) -> None:
+        self.data['datasets'][name] = metrics
+        self.data['timings']['validate_s'] = round(self.data['timings']['validate_s'] + validate_s, 3)
+        self.write()
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    def write(self) -> None:
+        self.data['peak_memory'] = peak_memory()
+        write_json_atomic(self.path, self.data)
