@@ -3,7 +3,7 @@
 One program computes a ``BLOCK_M x BLOCK_N`` tile of the output of one group: rows are output pixels
 (batch, row, column), columns are output channels, and the reduction runs over kernel taps, then input
 channels. Each input value is mapped to its code on the layer's region grid and decoded through the
-grid's level table inside the kernel, so the float input is read once and never written back quantized.
+grid's level table inside the kernel, so no quantized copy of the input is ever written to memory.
 Weights arrive as unsigned integer codes (one byte each, or two 4-bit codes per byte) and are decoded as
 ``(code - zero_point)``; the per-output-channel step multiplies the fp32 accumulator once at the end,
 followed by the float bias. A Linear layer is the 1x1 case of the same kernel (see
@@ -211,7 +211,7 @@ def default_blocks(m: int, oc_group: int, c_group: int) -> Tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K)``: tl.dot needs at least 16 on each side."""
     block_n = max(16, min(64, triton.next_power_of_2(oc_group)))
     block_k = max(16, min(32, triton.next_power_of_2(c_group)))
-    block_m = 32 if interpreting() or m <= 4096 else 128
+    block_m = 64 if interpreting() or m <= 4096 else 128
     return block_m, block_n, block_k
 
 
@@ -228,7 +228,8 @@ def quant_conv2d(x: torch.Tensor, weight: PackedWeight, grid: GridParams, stride
         x: Float32 input; NCHW or channels-last strides are both read in place.
         weight: Codes from :func:`pack_weight`.
         grid: The input quantizer's grid (:class:`GridParams`).
-        stride, padding, dilation: As in ``torch.nn.functional.conv2d`` (pairs).
+        stride, dilation: As in ``torch.nn.functional.conv2d`` (an int or a pair).
+        padding: Zero padding: an int, a pair ``(rows, columns)`` or ``(top, bottom, left, right)``.
         precision: ``tl.dot`` input precision: ``ieee`` (exact fp32 products), ``tf32x3`` or ``tf32``.
         blocks: ``(BLOCK_M, BLOCK_N, BLOCK_K)``; default from :func:`default_blocks`.
         num_warps, num_stages: Launch settings (ignored by the interpreter).
@@ -254,12 +255,12 @@ def quant_conv2d(x: torch.Tensor, weight: PackedWeight, grid: GridParams, stride
         raise ValueError(f'input, weight codes, scales, bias and level table must share one device, got {devices}')
     kh, kw = weight.kernel_size
     sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
+    top, bottom, left, right = _padding(padding)
     dh, dw = _pair(dilation)
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     if oh <= 0 or ow <= 0:
-        raise ValueError(f'input {h}x{w} is too small for kernel {kh}x{kw} with padding {ph},{pw}')
+        raise ValueError(f'input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}')
     oc = weight.out_channels
     if out is None:
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -268,7 +269,7 @@ def quant_conv2d(x: torch.Tensor, weight: PackedWeight, grid: GridParams, stride
     elif out.shape != (n, oc, oh, ow) or out.dtype != torch.float32:
         raise ValueError(f'out must be float32 of shape {(n, oc, oh, ow)}, got {out.dtype} {tuple(out.shape)}')
     _launch(x, (n, h, w), (x.stride(0), x.stride(1), x.stride(2), x.stride(3)), weight, grid,
-            (oh, ow), (sh, sw, ph, pw, dh, dw), out, (out.stride(0), out.stride(1), out.stride(2), out.stride(3)),
+            (oh, ow), (sh, sw, top, left, dh, dw), out, (out.stride(0), out.stride(1), out.stride(2), out.stride(3)),
             precision, blocks, num_warps, num_stages)
     return out
 
@@ -303,6 +304,17 @@ def _pair(value) -> Tuple[int, int]:
         return value, value
     first, second = value
     return int(first), int(second)
+
+
+def _padding(value) -> Tuple[int, int, int, int]:
+    if isinstance(value, int):
+        return value, value, value, value
+    value = tuple(int(v) for v in value)
+    if len(value) == 2:
+        return value[0], value[0], value[1], value[1]
+    if len(value) == 4:
+        return value
+    raise ValueError(f'padding must be an int, a pair or (top, bottom, left, right), got {value}')
 
 
 def _launch(x, sizes, x_strides, weight: PackedWeight, grid: GridParams, out_size, geometry, out, out_strides,

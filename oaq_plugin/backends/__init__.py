@@ -1,1 +1,4 @@
 """Execution backends for quantized layers: fake quantization, integer reference, Triton kernels."""
+from .select import BACKENDS, backend_summary, resolve_backend, to_backend
+
+__all__ = ['BACKENDS', 'backend_summary', 'resolve_backend', 'to_backend']

@@ -157,6 +157,7 @@ class OAQModel(SRModel):
         names = list(metrics_opt) + ['fidelity_psnr', 'delta_e']
         sums = torch.zeros(2 * len(metrics_opt) + 3, dtype=torch.float64)
         crops_dir = self.results_root / 'crops' / dataset_name
+        per_image = {}
         show = self.rank == 0 and self.opt['val'].get('pbar', True)
         for index, data in enumerate(tqdm(dataloader, desc=f'validate {dataset_name}', unit='image',
                                           disable=not show)):
@@ -175,6 +176,8 @@ class OAQModel(SRModel):
                     values.append(calculate_metric({'img': which, 'img2': gt_img, 'img_fp': fp_img}, metric_opt))
             values.append(calculate_psnr(q_img, fp_img, self.scale, test_y_channel=True))
             values.append(calculate_delta_e(q_img, fp_img, crop_border=self.scale))
+            per_image[image_name] = dict(zip([f'fp_{m}' for m in metrics_opt] + [f'quant_{m}' for m in metrics_opt]
+                                             + ['fidelity_psnr', 'delta_e'], values))
             values.append(1.0)
             sums += torch.tensor(values, dtype=torch.float64)
             if save_img:
@@ -188,6 +191,9 @@ class OAQModel(SRModel):
             self._free()
         if self.world_size > 1:
             torch.distributed.all_reduce(sums)
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, per_image)
+            per_image = {k: v for part in gathered for k, v in part.items()}
         count = max(float(sums[-1]), 1.0)
         means = (sums[:-1] / count).tolist()
         k = len(metrics_opt)
@@ -197,6 +203,7 @@ class OAQModel(SRModel):
             'fidelity_psnr': means[2 * k],
             'delta_e': means[2 * k + 1],
             'num_images': int(count),
+            'per_image': dict(sorted(per_image.items())),
         }
         self.metric_results = result['quant']
         self._log_table(dataset_name, result, names)

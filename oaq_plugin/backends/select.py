@@ -1,0 +1,72 @@
+"""Choose how a quantized model's layers execute: fake quantization, integer reference, or Triton kernels."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedLayerError, closest
+from ..quant.layers import quant_layers
+from .reference import ReferenceExecutor
+from .triton_backend import TritonExecutor, triton_available, unsupported_reason
+
+BACKENDS = ('fake', 'reference', 'triton', 'auto')
+logger = logging.getLogger('oaq_plugin')
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    for tensor in model.parameters():
+        return tensor.is_cuda
+    return False
+
+
+def resolve_backend(model: nn.Module, backend: str) -> str:
+    """The concrete backend for ``backend``: ``auto`` is triton for a model on CUDA, else reference."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend '{backend}'{closest(backend, BACKENDS)}; choose one of: "
+                          f"{', '.join(BACKENDS)}")
+    if backend != 'auto':
+        return backend
+    return 'triton' if _on_cuda(model) and triton_available()[0] else 'reference'
+
+
+def to_backend(qmodel: nn.Module, backend: str = 'auto', precision: str = 'ieee',
+               blocks: Optional[Tuple[int, int, int]] = None) -> nn.Module:
+    """Set how every quantized layer of ``qmodel`` runs in ``quant`` mode, in place.
+
+    Args:
+        qmodel: A quantized model (from :func:`oaq_plugin.quantize`).
+        backend: ``fake`` (fake quantization, differentiable), ``reference`` (integer codes decoded in
+            PyTorch), ``triton`` (fused kernels; layers they cannot run use the reference, one log line
+            each) or ``auto`` (triton when the model is on CUDA, else reference).
+        precision: Triton ``tl.dot`` input precision (``ieee``, ``tf32x3`` or ``tf32``).
+        blocks: Optional Triton ``(BLOCK_M, BLOCK_N, BLOCK_K)`` override.
+
+    Returns:
+        ``qmodel``.
+    """
+    chosen = resolve_backend(qmodel, backend)
+    layers = quant_layers(qmodel)
+    if chosen == 'triton':
+        available, why = triton_available()
+        if not available:
+            raise UnsupportedLayerError(f"the triton backend cannot run here: {why}; use backend 'reference'")
+    for name, layer in layers:
+        if chosen == 'fake':
+            layer.executor, layer.executor_name = None, 'fake'
+            continue
+        if chosen == 'triton':
+            reason = unsupported_reason(layer)
+            if reason is None:
+                layer.executor, layer.executor_name = TritonExecutor(precision, blocks), 'triton'
+                continue
+            logger.warning("layer '%s' (%s) runs on the reference backend: %s", layer.layer_name or name,
+                           type(layer.module).__name__, reason)
+        layer.executor, layer.executor_name = ReferenceExecutor(), 'reference'
+    return qmodel
+
+
+def backend_summary(qmodel: nn.Module) -> Dict[str, str]:
+    """``{layer name: backend}`` of every quantized layer, for reports."""
+    return {layer.layer_name or name: layer.executor_name for name, layer in quant_layers(qmodel)}

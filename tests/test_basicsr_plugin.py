@@ -1,0 +1,177 @@
+"""The BasicSR plugin end to end: an option file turns a test run into calibrate -> quantize -> validate."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ('bird', 'butterfly')
+
+
+def shared_option_file(shared: Path, world: Path, name: str, **oaq_overrides) -> Path:
+    """A copy of options/oaq_srvgg_x4.yml on a small world: 2 Set5 images, 4 calibration images, tiny calibration."""
+    text = (ROOT / 'options' / 'oaq_srvgg_x4.yml').read_text().replace('../shared', str(shared))
+    register_line = text.splitlines()[0]
+    options = yaml.load(text, Loader=yaml.UnsafeLoader)
+    options.pop('oaq_register')
+    for kind, pattern in (('HR', '{}.png'), ('LR_bicubic/X4', '{}x4.png')):
+        folder = world / 'Set5' / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for image in IMAGES:
+            target = folder / pattern.format(image)
+            if not target.exists():
+                target.symlink_to(shared / 'data/benchmark/Set5' / kind / pattern.format(image))
+    calib = world / 'calib'
+    calib.mkdir(exist_ok=True)
+    for path in sorted((shared / 'data/calib/SunHays80/LR_bicubic/X4').glob('*.png'))[:4]:
+        if not (calib / path.name).exists():
+            (calib / path.name).symlink_to(path)
+    options['name'] = name
+    options['datasets'] = {'test_1': dict(options['datasets']['test_1'], dataroot_gt=str(world / 'Set5/HR'),
+                                          dataroot_lq=str(world / 'Set5/LR_bicubic/X4'))}
+    options['val']['pbar'] = False
+    oaq = options['oaq']
+    oaq['calib'].update(dataroot_lq=str(calib), num_batches=2, batch_size=2, patch_size=32)
+    oaq['search'].update(num_samples=2, grid_size=4, refine_rounds=0)
+    oaq['kernel'] = 'fake'
+    for key, value in oaq_overrides.items():
+        if isinstance(value, dict):
+            oaq[key].update(value)
+        else:
+            oaq[key] = value
+    path = world / f'{name}.yml'
+    path.write_text(register_line + '\n' + yaml.safe_dump(options, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope='module')
+def plugin_run(shared, tmp_path_factory):
+    """One run of ``python -m oaq_plugin.test`` on a small world, in its own working directory."""
+    world = tmp_path_factory.mktemp('basicsr_world')
+    option_file = shared_option_file(shared, world, 'oaq_srvgg_small')
+    weights = shared / 'weights/SRVGGNetCompact/realesr-animevideov3.pth'
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    result = subprocess.run([sys.executable, '-m', 'oaq_plugin.test', '-opt', str(option_file)], cwd=world,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest, 'the pretrained checkpoint was modified'
+    return world, option_file, world / 'results' / 'oaq_srvgg_small'
+
+
+def test_register_is_idempotent():
+    import oaq_plugin
+    from basicsr.utils.registry import ARCH_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
+    oaq_plugin.register()
+    oaq_plugin.register()
+    from oaq_plugin.basicsr_plugin import registration
+    registration._registered = False
+    registration.register()
+    assert 'OAQModel' in MODEL_REGISTRY and 'OAQSwinIRModel' in MODEL_REGISTRY
+    assert 'IMDN' in ARCH_REGISTRY and 'calculate_delta_e' in METRIC_REGISTRY
+
+
+def test_report_schema_and_artifacts(plugin_run):
+    _, _, results = plugin_run
+    report = json.loads((results / 'oaq_report.json').read_text())
+    assert set(report['datasets']) == {'Set5'}
+    set5 = report['datasets']['Set5']
+    assert set(set5) >= {'fp', 'quant', 'fidelity_psnr', 'delta_e'}
+    assert set(set5['fp']) == {'psnr', 'ssim'} and set(set5['quant']) == {'psnr', 'ssim'}
+    assert set5['quant']['psnr'] < set5['fp']['psnr'] and set5['delta_e'] > 0
+    assert {'calibrate_s', 'search_s', 'finetune_s', 'validate_s'} <= set(report['timings'])
+    row = report['layers'][1]
+    assert {'name', 'w_bits', 'a_bits', 'lower', 'upper', 'breakpoint', 'w_clip', 'outlier_fraction'} <= set(row)
+    assert report['layers'][0]['a_bits'] == 8 and row['a_bits'] == 4
+    assert report['config']['w_bits'] == 4 and report['peak_memory']['cpu_peak_rss_mib'] > 0
+    assert (results / 'quantized.pth').is_file() and (results / 'activation_histograms.png').is_file()
+    assert sorted(p.stem for p in (results / 'crops' / 'Set5').glob('*.png')) == sorted(f'{i}x4' for i in IMAGES)
+
+
+def test_fp_metrics_equal_plain_basicsr(plugin_run):
+    world, option_file, results = plugin_run
+    from basicsr.models import build_model
+    from basicsr.data import build_dataloader, build_dataset
+    options = yaml.load(option_file.read_text(), Loader=yaml.UnsafeLoader)
+    options.update(model_type='SRModel', is_train=False, dist=False, rank=0, world_size=1, num_gpu=0)
+    dataset_opt = dict(options['datasets']['test_1'], phase='test', scale=4)
+    loader = build_dataloader(build_dataset(dataset_opt), dataset_opt, num_gpu=0, dist=False, sampler=None)
+    model = build_model(options)
+    model.nondist_validation(loader, 0, None, False)
+    report = json.loads((results / 'oaq_report.json').read_text())
+    for metric, value in model.metric_results.items():
+        assert report['datasets']['Set5']['fp'][metric] == pytest.approx(value, abs=1e-9)
+
+
+def test_load_quantized_reproduces_reported_quality(plugin_run):
+    world, _, results = plugin_run
+    import cv2
+    from basicsr.metrics.psnr_ssim import calculate_psnr
+    from basicsr.utils import img2tensor, tensor2img
+    import oaq_plugin
+    from oaq_plugin.quant import DualRegionQuantizer
+    qmodel = oaq_plugin.load_quantized(results / 'quantized.pth')
+    assert any(isinstance(m, DualRegionQuantizer) for m in qmodel.modules())
+    psnrs = []
+    for image in IMAGES:
+        lq = img2tensor(cv2.imread(str(world / f'Set5/LR_bicubic/X4/{image}x4.png')).astype('float32') / 255.)
+        gt = cv2.imread(str(world / f'Set5/HR/{image}.png'))
+        with torch.no_grad():
+            out = tensor2img([qmodel(lq[None])])
+        psnrs.append(calculate_psnr(out, gt[:out.shape[0], :out.shape[1]], 4, test_y_channel=True))
+    report = json.loads((results / 'oaq_report.json').read_text())
+    assert sum(psnrs) / len(psnrs) == pytest.approx(report['datasets']['Set5']['quant']['psnr'], abs=1e-6)
+
+
+def test_literal_basicsr_test_py_and_results_archived(plugin_run):
+    """``python basicsr/test.py -opt X.yml`` from a BasicSR checkout: the option file alone registers the plugin."""
+    world, option_file, results = plugin_run
+    import basicsr
+    checkout = world / 'basicsr'
+    checkout.mkdir(exist_ok=True)
+    shutil.copy(Path(basicsr.__file__).parent / 'test.py', checkout / 'test.py')
+    # BasicSR master needs no compatibility alias; the released 1.4.2 installed here does, so it is applied
+    # first, exactly as master's own import would behave. Nothing else of the plugin is imported beforehand.
+    runner = ('import runpy, sys; from oaq_plugin.compat import install_basicsr_compat; install_basicsr_compat(); '
+              "assert 'oaq_plugin.basicsr_plugin' not in sys.modules; "
+              "sys.argv = ['basicsr/test.py', '-opt', sys.argv[1]]; runpy.run_path('basicsr/test.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, '-c', runner, str(option_file)], cwd=world, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (results / 'oaq_report.json').is_file()
+    archived = list(results.parent.glob('oaq_srvgg_small_archived_*'))
+    assert archived and (archived[0] / 'oaq_report.json').is_file(), 'an earlier results folder must be archived'
+
+
+def test_lmdb_calibration_equals_folder(shared, tmp_path):
+    from oaq_plugin.basicsr_plugin.calibration_data import calibration_source
+    from oaq_plugin.config import CalibConfig
+    sys.path.insert(0, str(ROOT / 'tools'))
+    from make_calib_lmdb import make_lmdb
+    folder = tmp_path / 'calib'
+    folder.mkdir()
+    for path in sorted((shared / 'data/calib/SunHays80/LR_bicubic/X4').glob('*.png'))[:3]:
+        shutil.copy(path, folder / path.name)
+    make_lmdb(folder, tmp_path / 'calib.lmdb')
+    from_folder = calibration_source(CalibConfig(dataroot_lq=str(folder)))
+    from_lmdb = calibration_source(CalibConfig(dataroot_lq=str(tmp_path / 'calib.lmdb'), io_backend='lmdb'))
+    a = from_folder.batches(2, 2, 24, seed=1)
+    b = from_lmdb.batches(2, 2, 24, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_cli_reports_bad_option_in_one_line(shared, tmp_path):
+    option_file = shared_option_file(shared, tmp_path, 'bad_option', w_bitz=4)
+    result = subprocess.run([sys.executable, '-m', 'oaq_plugin.test', '-opt', str(option_file)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "unknown key 'w_bitz' (did you mean 'w_bits'?)" in result.stderr
+    assert 'Traceback' not in result.stderr
