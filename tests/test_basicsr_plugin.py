@@ -128,7 +128,10 @@ def test_load_quantized_reproduces_reported_quality(plugin_run):
             out = tensor2img([qmodel(lq[None])])
         psnrs.append(calculate_psnr(out, gt[:out.shape[0], :out.shape[1]], 4, test_y_channel=True))
     report = json.loads((results / 'oaq_report.json').read_text())
-    assert sum(psnrs) / len(psnrs) == pytest.approx(report['datasets']['Set5']['quant']['psnr'], abs=1e-6)
+    # Another process may pick another float conv implementation; a last-bit difference can move a value
+    # across a rounding boundary of the next layer's quantizer, so agreement is to 0.01 dB, not bit-exact.
+    assert sum(psnrs) / len(psnrs) == pytest.approx(report['datasets']['Set5']['quant']['psnr'], abs=0.01)
+    assert set(report['datasets']['Set5']['per_image']) == {f'{i}x4' for i in IMAGES}
 
 
 def test_literal_basicsr_test_py_and_results_archived(plugin_run):
