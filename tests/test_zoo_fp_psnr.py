@@ -21,9 +21,9 @@ TEST_SETS = ('Set5', 'Set14')
 # The README's values are rounded to 0.01 dB; a faithful reimplementation lands within one rounding step.
 TOLERANCE_DB = 0.01
 # FSRCNN's verified numbers come from its native protocol (Y in, Y out, rounded). Through BasicSR's RGB pipeline
-# the Y of three rounded RGB channels carries less rounding noise than a rounded Y, which reads about 0.02 dB
-# higher (measured +0.016 to +0.024 dB on the three scales).
-RGB_PIPELINE_FSRCNN_TOLERANCE_DB = 0.03
+# the Y of three rounded RGB channels carries less rounding noise than a rounded Y, so it reads slightly higher
+# (measured +0.015 to +0.033 dB over the six scale/set pairs); a broken colour conversion costs whole dBs.
+RGB_PIPELINE_FSRCNN_TOLERANCE_DB = 0.05
 
 
 @functools.lru_cache(maxsize=None)

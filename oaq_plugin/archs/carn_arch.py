@@ -10,6 +10,18 @@ from torch.nn import functional as F
 SUPPORTED_SCALES = (2, 3, 4)
 
 
+class _FixedPointwise(nn.Module):
+    """A 1x1 channel mixing ``y = W x + b`` whose weight and bias are buffers (loaded, never trained)."""
+
+    def __init__(self, matrix: torch.Tensor, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer('weight', matrix.reshape(*matrix.shape, 1, 1).clone())
+        self.register_buffer('bias', offset.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias)
+
+
 class ColorShift(nn.Module):
     """A fixed per-pixel 3x3 colour transform plus offset (CARN's mean shift), held as buffers.
 
@@ -28,18 +40,6 @@ class ColorShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shifter(x)
-
-
-class _FixedPointwise(nn.Module):
-    """A 1x1 channel mixing ``y = W x + b`` whose weight and bias are buffers (loaded, never trained)."""
-
-    def __init__(self, matrix: torch.Tensor, offset: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer('weight', matrix.reshape(*matrix.shape, 1, 1).clone())
-        self.register_buffer('bias', offset.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias)
 
 
 class EfficientResidualBlock(nn.Module):
@@ -188,6 +188,7 @@ class CARNM(nn.Module):
         self.entry = nn.Conv2d(3, num_feat, 3, padding=1)
         for index in range(1, num_block + 1):
             self.add_module(f'b{index}', CascadingBlock(num_feat, group))
+        for index in range(1, num_block + 1):
             self.add_module(f'c{index}', PointwiseReLU(num_feat * (index + 1), num_feat))
         self.upsample = MultiScaleUpsampler(num_feat, group)
         self.exit = nn.Conv2d(num_feat, 3, 3, padding=1)

@@ -57,8 +57,8 @@ class IMDB(nn.Module):
         self.c3 = nn.Conv2d(self.remaining, num_feat, 3, padding=1)
         self.c4 = nn.Conv2d(self.remaining, self.distilled, 3, padding=1)
         self.act = nn.LeakyReLU(negative_slope)
-        self.cca = ContrastChannelAttention(self.distilled * 4)
         self.c5 = nn.Conv2d(self.distilled * 4, num_feat, 1)
+        self.cca = ContrastChannelAttention(self.distilled * 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         split = (self.distilled, self.remaining)
