@@ -78,6 +78,12 @@ class SearchConfig:
         grid_size: Candidates per coarse grid.
         refine_rounds: Finer grids around the best candidate.
         num_samples: Calibration patches whose layer inputs are captured for the search.
+        window: Side of the random window cut from each captured layer input (bounds memory and time).
+        sweeps: Coordinate-descent passes over a layer's parameters.
+        sequential: Search layers in execution order, each on the inputs of the network whose earlier
+            layers are already quantized (float inputs otherwise); the target is always the float output.
+        memory_mb: Budget for the captured inputs; layers are processed in groups that fit it.
+        seed: Seed of the captured windows.
     """
 
     enabled: bool = True
@@ -88,6 +94,11 @@ class SearchConfig:
     grid_size: int = field(default=16, metadata=_range(2))
     refine_rounds: int = field(default=2, metadata=_range(0))
     num_samples: int = field(default=8, metadata=_range(1))
+    window: int = field(default=32, metadata=_range(4))
+    sweeps: int = field(default=2, metadata=_range(1))
+    sequential: bool = False
+    memory_mb: int = field(default=1024, metadata=_range(16))
+    seed: int = 0
 
 
 @dataclass
@@ -107,6 +118,13 @@ class FinetuneConfig:
         sen_weight: w_sen, the weight of the feature (sensitivity) loss.
         temperature: Softmax temperature of the tap weights s_k.
         taps: ``blocks`` (outputs of residual blocks) or ``layers`` (inputs of quantized layers).
+        tap_patterns: Module-name patterns (fnmatch) whose outputs are the taps, overriding ``taps``.
+        tap_samples: Calibration crops on which the taps' standard deviations (for s_k) are measured.
+        output_scale: Factor bringing the SR output to the 0-255 scale of the reconstruction loss
+            (255 for networks with [0, 1] outputs).
+        lookup_fake_quant: Train through a table look-up fake quantization with a closed-form
+            backward (same values and gradients as the reference arithmetic up to rounding ties,
+            several times faster on a CPU); false uses the reference arithmetic.
         seed: Seed of crops and augmentation.
     """
 
@@ -122,6 +140,10 @@ class FinetuneConfig:
     sen_weight: float = field(default=10.0, metadata=_range(0.0))
     temperature: float = field(default=1.0, metadata=_range(1e-6))
     taps: str = field(default='blocks', metadata=_choice(*TAP_SETS))
+    tap_patterns: List[str] = field(default_factory=list)
+    tap_samples: int = field(default=16, metadata=_range(1))
+    output_scale: float = field(default=255.0, metadata=_range(1e-6))
+    lookup_fake_quant: bool = True
     seed: int = 0
 
 

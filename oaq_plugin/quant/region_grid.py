@@ -36,7 +36,10 @@ class Region:
         return self.index_max - self.index_min + 1
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        index = torch.clamp(round_ste((x - self.offset) / self.step), self.index_min, self.index_max)
+        # Clamp before rounding (LSQ): the same values as clamping the rounded index, but a value that
+        # rounds onto the first or last level keeps its straight-through gradient; clamping after
+        # rounding lost it wherever round_ste landed on a bound, i.e. on every region's end levels.
+        index = round_ste(torch.clamp((x - self.offset) / self.step, self.index_min, self.index_max))
         return self.offset + index * self.step
 
     def index(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,282 @@
+"""Sensitivity-aware finetuning (SAFT, METHOD.md §6-7): the quantizer parameters learn from the float
+model as teacher, one parameter group per epoch, on random calibration crops (no ground truth).
+
+Loss: ``w_sen * L_sen + lambda * L_rec`` with ``L_rec`` the mean absolute difference of the SR outputs
+on the 0-255 scale and ``L_sen = (1/K) sum_k s_k ||F_fp^k/||F_fp^k|| - F_q^k/||F_q^k|| ||`` over the
+feature taps, per sample. ``s_k`` is a softmax (temperature ``tau``) of the taps' mean per-sample
+standard deviation on calibration crops; ``vanilla`` mode uses ``s_k = 1/K`` instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..config import OAQConfig
+from ..errors import NumericalError
+from ..quant.dual_region import DualRegionQuantizer
+from ..quant.layers import QuantLayer, quant_layers
+from .feature_taps import FeatureTaps, TapKey, tap_names
+from .lookup_fake_quant import lookup_fake_quantization
+from .patches import PatchSource
+
+# The parameter groups of SAFT, trained one an epoch in this order.
+GROUPS = ('weight_clip', 'act_bounds', 'breakpoint')
+
+
+@dataclass
+class EpochRecord:
+    """One epoch: which group trained, at which learning rate, and the mean losses."""
+
+    epoch: int
+    group: str
+    lr: float
+    loss: float
+    rec_loss: float
+    sen_loss: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FinetuneReport:
+    """What finetuning did: per-epoch losses, tap weights and timings."""
+
+    mode: str
+    tap_kind: str
+    taps: List[str] = field(default_factory=list)
+    tap_weights: List[float] = field(default_factory=list)
+    tap_stds: List[float] = field(default_factory=list)
+    epochs: List[EpochRecord] = field(default_factory=list)
+    iterations: int = 0
+    seconds: float = 0.0
+    seconds_per_iteration: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            'mode': self.mode, 'tap_kind': self.tap_kind, 'taps': list(self.taps),
+            'tap_weights': list(self.tap_weights), 'tap_stds': list(self.tap_stds),
+            'epochs': [e.to_dict() for e in self.epochs], 'iterations': self.iterations,
+            'seconds': self.seconds, 'seconds_per_iteration': self.seconds_per_iteration,
+        }
+
+    def summary(self) -> str:
+        lines = [f"{'epoch':>5s} {'group':12s} {'lr':>9s} {'loss':>10s} {'L_rec':>9s} {'L_sen':>9s} {'s':>6s}"]
+        for e in self.epochs:
+            lines.append(f'{e.epoch:5d} {e.group:12s} {e.lr:9.3g} {e.loss:10.4f} {e.rec_loss:9.4f} '
+                         f'{e.sen_loss:9.5f} {e.seconds:6.1f}')
+        lines.append(f'finetune ({self.mode}, {len(self.taps)} {self.tap_kind} taps): {self.iterations} iterations '
+                     f'in {self.seconds:.1f} s ({self.seconds_per_iteration:.2f} s/iteration)')
+        return '\n'.join(lines)
+
+
+def tap_weights(stds: Sequence[float], temperature: float, mode: str) -> torch.Tensor:
+    """``s_k``: softmax of the tap standard deviations over ``temperature``, or uniform in ``vanilla`` mode."""
+    stds_t = torch.tensor(list(stds), dtype=torch.float64)
+    if mode == 'vanilla' or stds_t.numel() == 0:
+        return torch.full_like(stds_t, 1.0 / max(stds_t.numel(), 1))
+    return torch.softmax(stds_t / temperature, dim=0)
+
+
+def parameter_groups(qmodel: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
+    """The learnable quantizer parameters of SAFT, by group, named for messages."""
+    groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}
+    for name, layer in quant_layers(qmodel):
+        groups['weight_clip'].append((f'{name}.weight_quantizer.clip', layer.weight_quantizer.clip))
+        quantizer = layer.act_quantizer
+        groups['act_bounds'].append((f'{name}.act_quantizer.lower', quantizer.lower))
+        groups['act_bounds'].append((f'{name}.act_quantizer.upper', quantizer.upper))
+        if isinstance(quantizer, DualRegionQuantizer):
+            groups['breakpoint'].append((f'{name}.act_quantizer.breakpoint', quantizer.breakpoint))
+    return {g: params for g, params in groups.items() if params}
+
+
+def sensitivity_loss(fp_features: Dict[TapKey, torch.Tensor], q_features: Dict[TapKey, torch.Tensor],
+                     keys: Sequence[TapKey], weights: torch.Tensor) -> torch.Tensor:
+    """``(1/K) sum_k s_k ||F_fp/||F_fp|| - F_q/||F_q|| ||_2``, averaged over the samples of the batch."""
+    total = None
+    for key, weight in zip(keys, weights.tolist()):
+        fp = fp_features[key].flatten(1)
+        q = q_features[key].flatten(1)
+        fp = fp / fp.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        term = weight * (fp - q).norm(dim=1).mean()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total / len(keys)
+
+
+@torch.no_grad()
+def measure_tap_stds(fp_model: nn.Module, taps: FeatureTaps, batches: Sequence[torch.Tensor],
+                     keys: Sequence[TapKey]) -> List[float]:
+    """Mean over samples of each tap's per-sample standard deviation, in the float model."""
+    sums = {key: 0.0 for key in keys}
+    count = 0
+    for batch in batches:
+        taps.clear()
+        fp_model(batch)
+        for key in keys:
+            feature = taps.features[key].flatten(1)
+            sums[key] += float(feature.std(dim=1, unbiased=False).sum())
+        count += batch.shape[0]
+    taps.clear()
+    return [sums[key] / max(count, 1) for key in keys]
+
+
+def _first_non_finite_layer(qmodel: nn.Module, batch: torch.Tensor) -> Optional[str]:
+    """The first quantized layer whose output or quantizer parameters are not finite, if any."""
+    for name, layer in quant_layers(qmodel):
+        for pname, p in list(layer.act_quantizer.named_parameters()) + list(layer.weight_quantizer.named_parameters()):
+            if not torch.isfinite(p).all():
+                return f'{name} ({pname})'
+    found: List[str] = []
+    handles = []
+    for name, layer in quant_layers(qmodel):
+        def hook(module, args, output, name=name):
+            if not found and not torch.isfinite(output).all():
+                found.append(name)
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            qmodel(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
+def _raise_numerical(qmodel: nn.Module, batch: torch.Tensor, epoch: int, iteration: int) -> None:
+    where = _first_non_finite_layer(qmodel, batch)
+    place = f"in layer '{where}'" if where else 'in the loss'
+    raise NumericalError(f'finetuning produced NaN/Inf {place} at epoch {epoch}, iteration {iteration}; '
+                         'lower finetune.lr or check the calibration (a collapsed range or breakpoint)')
+
+
+class _Trainer:
+    """One finetuning run: teacher, student, taps, optimizer and the epoch loop."""
+
+    def __init__(self, fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config: OAQConfig,
+                 keys: Sequence[TapKey], weights: torch.Tensor, fp_taps: FeatureTaps, q_taps: FeatureTaps,
+                 generator: torch.Generator, device: torch.device) -> None:
+        self.fp_model, self.qmodel, self.source = fp_model, qmodel, source
+        self.settings = config.finetune
+        self.keys, self.weights = keys, weights
+        self.fp_taps, self.q_taps = fp_taps, q_taps
+        self.generator, self.device = generator, device
+        self.groups = parameter_groups(qmodel)
+        self.order = [g for g in GROUPS if g in self.groups]
+        # One Adam with a parameter group per SAFT group: each keeps its moments and its own lr.
+        self.optimizer = torch.optim.Adam(
+            [{'params': [p for _, p in self.groups[g]], 'lr': self.settings.lr, 'name': g} for g in self.order],
+            lr=self.settings.lr)
+
+    def step(self, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.settings
+        with torch.no_grad():
+            self.fp_taps.clear()
+            target = self.fp_model(batch) * s.output_scale
+        self.q_taps.clear()
+        output = self.qmodel(batch) * s.output_scale
+        rec = (output - target).abs().mean()
+        sen = sensitivity_loss(self.fp_taps.features, self.q_taps.features, self.keys, self.weights)
+        return s.sen_weight * sen + s.rec_weight * rec, rec, sen
+
+    def epoch(self, epoch: int, bar: tqdm) -> EpochRecord:
+        s = self.settings
+        active = self.order[epoch % len(self.order)]
+        for group in self.order:
+            for _, p in self.groups[group]:
+                p.requires_grad_(group == active)
+        param_group = next(pg for pg in self.optimizer.param_groups if pg['name'] == active)
+        lr = param_group['lr']
+        start = time.perf_counter()
+        sums = [0.0, 0.0, 0.0]
+        for iteration in range(s.iters_per_epoch):
+            batch = self.source.batch(s.batch_size, s.patch_size, self.generator, augment=True).to(self.device)
+            loss, rec, sen = self.step(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # Checked before the step, so the parameters still show where the problem started; the
+            # gradients are checked too because a look-up quantizer maps a NaN input to a finite level.
+            if not torch.isfinite(loss) or not all(p.grad is None or torch.isfinite(p.grad).all()
+                                                   for _, p in self.groups[active]):
+                _raise_numerical(self.qmodel, batch, epoch, iteration)
+            self.optimizer.step()
+            for index, value in enumerate((loss, rec, sen)):
+                sums[index] += float(value.detach())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, group=active, loss=f'{sums[0] / (iteration + 1):.4f}')
+        param_group['lr'] *= s.lr_decay
+        count = s.iters_per_epoch
+        return EpochRecord(epoch=epoch, group=active, lr=lr, loss=sums[0] / count, rec_loss=sums[1] / count,
+                           sen_loss=sums[2] / count, seconds=time.perf_counter() - start)
+
+    def release(self) -> None:
+        for params in self.groups.values():
+            for _, p in params:
+                p.requires_grad_(False)
+
+
+def finetune(fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config: OAQConfig,
+             progress: bool = False) -> FinetuneReport:
+    """Finetune the quantizer parameters of ``qmodel`` in place, with ``fp_model`` as teacher.
+
+    Args:
+        fp_model: The float network (not modified).
+        qmodel: The converted, calibrated (and possibly searched) network.
+        source: The calibration pool; random crops with flips/rotations are drawn from it each epoch.
+        config: The method's configuration (``config.finetune``).
+        progress: Show a progress bar with the running loss.
+
+    Returns:
+        A :class:`FinetuneReport`; the model after the last epoch is the result (nothing is selected).
+    """
+    settings = config.finetune
+    start_time = time.perf_counter()
+    device = next(qmodel.parameters()).device
+    generator = torch.Generator().manual_seed(settings.seed)
+    report = FinetuneReport(mode=settings.mode, tap_kind='')
+    with contextlib.ExitStack() as stack:
+        # BatchNorm and dropout keep their inference behaviour: only the quantizer parameters learn.
+        for model in (fp_model, qmodel):
+            stack.callback(model.train, model.training)
+            model.eval()
+        stats_batches = [source.batch(settings.batch_size, settings.patch_size, generator).to(device)
+                         for _ in range(max(1, math.ceil(settings.tap_samples / settings.batch_size)))]
+        names, where, report.tap_kind = tap_names(fp_model, qmodel, settings.taps, settings.tap_patterns,
+                                                  stats_batches[0][:1])
+        fp_taps = FeatureTaps(fp_model, names, where)
+        q_taps = FeatureTaps(qmodel, names, where)
+        stack.callback(q_taps.remove)
+        stack.callback(fp_taps.remove)
+        with torch.no_grad():
+            fp_model(stats_batches[0][:1])
+        keys = sorted(fp_taps.features, key=lambda k: (names.index(k[0]), k[1]))
+        stds = measure_tap_stds(fp_model, fp_taps, stats_batches, keys)
+        weights = tap_weights(stds, settings.temperature, settings.mode)
+        report.taps = [name if call == 0 else f'{name}#{call}' for name, call in keys]
+        report.tap_stds = stds
+        report.tap_weights = weights.tolist()
+
+        trainer = _Trainer(fp_model, qmodel, source, config, keys, weights, fp_taps, q_taps, generator, device)
+        stack.callback(trainer.release)
+        if settings.lookup_fake_quant:
+            stack.enter_context(lookup_fake_quantization(qmodel))
+        bar = stack.enter_context(tqdm(total=settings.epochs * settings.iters_per_epoch,
+                                       desc=f'finetune ({settings.mode})', unit='it', disable=not progress,
+                                       leave=False))
+        for epoch in range(settings.epochs):
+            report.epochs.append(trainer.epoch(epoch, bar))
+    report.iterations = settings.epochs * settings.iters_per_epoch
+    report.seconds = time.perf_counter() - start_time
+    report.seconds_per_iteration = sum(e.seconds for e in report.epochs) / max(report.iterations, 1)
+    return report

@@ -1,0 +1,165 @@
+"""Layer inputs captured with forward hooks, cut to small seeded windows so memory stays bounded.
+
+The search stage needs, for every quantized layer, some of its real inputs: a full 96x96 feature map
+of 64 channels for each of 8 samples and 50 layers would be about 1 GB, while a window of 32x32 per
+sample carries the same value distribution at a ninth of the cost. Windows are drawn per layer from a
+seeded generator, so a float pass and a partly quantized pass cut the same windows.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import NumericalError
+from ..quant.layers import QuantLayer, quant_layers
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every wanted layer has been captured, to skip the rest of the network."""
+
+
+def execution_order(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
+    """Names of the quantized layers in the order they first run on ``example``."""
+    order: List[str] = []
+    handles = []
+    for name, layer in quant_layers(qmodel):
+        def hook(module, inputs, name=name):
+            if name not in order:
+                order.append(name)
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            qmodel(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def cut_window(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``size`` x ``size`` spatial window per sample of an (N, C, H, W) input.
+
+    Other inputs (tokens of a Linear layer) are flattened to rows and ``size * size`` rows per sample
+    are kept at random.
+    """
+    if x.dim() == 4:
+        height, width = x.shape[-2:]
+        h, w = min(size, height), min(size, width)
+        windows = []
+        for sample in x:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            windows.append(sample[:, top:top + h, left:left + w])
+        return torch.stack(windows).contiguous()
+    rows = x.reshape(-1, x.shape[-1])
+    keep = min(rows.shape[0], size * size * max(1, x.shape[0]))
+    picks = torch.randperm(rows.shape[0], generator=generator)[:keep]
+    return rows[picks].contiguous()
+
+
+def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str], window: int, seed: int,
+                    chunk: int = 4) -> Dict[str, torch.Tensor]:
+    """Run ``qmodel`` on ``inputs`` (in chunks) and keep a window of each named layer's input.
+
+    The layers' modes are left as the caller set them (float, quant), so the same call captures
+    float inputs or the inputs of a partly quantized network. The forward pass stops after the last
+    named layer has run on the last chunk.
+    """
+    wanted = set(names)
+    layers = {name: layer for name, layer in quant_layers(qmodel) if name in wanted}
+    missing = wanted - set(layers)
+    if missing:
+        raise KeyError(f'no quantized layer named {sorted(missing)[0]!r}')
+    pieces: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
+    generators = {name: torch.Generator().manual_seed(seed * 7919 + index)
+                  for index, name in enumerate(sorted(layers))}
+    pending = set(layers)
+
+    def make_hook(name: str):
+        def hook(module: QuantLayer, args):
+            x = args[0].detach()
+            if not torch.isfinite(x).all():
+                raise NumericalError(f"non-finite values (NaN/Inf) in the input of layer '{name}' during the "
+                                     'search; check the calibration inputs and the quantizer parameters')
+            if name in pending:
+                pieces[name].append(cut_window(x, window, generators[name]).float().cpu())
+                pending.discard(name)
+                if not pending:
+                    raise _StopForward
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    device = next(iter(layers.values())).weight.device
+    try:
+        with torch.no_grad():
+            for start in range(0, inputs.shape[0], chunk):
+                pending.update(layers)
+                try:
+                    qmodel(inputs[start:start + chunk].to(device))
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts) for name, parts in pieces.items()}
+
+
+def window_bytes(qmodel: nn.Module, example: torch.Tensor, names: Sequence[str], window: int,
+                 num_samples: int) -> Dict[str, int]:
+    """Bytes one captured window set of each layer takes for ``num_samples`` samples."""
+    sizes: Dict[str, int] = {}
+    handles = []
+    for name, layer in quant_layers(qmodel):
+        if name not in names:
+            continue
+
+        def hook(module, args, name=name):
+            x = args[0]
+            if x.dim() == 4:
+                per_sample = x.shape[1] * min(window, x.shape[-2]) * min(window, x.shape[-1])
+            else:
+                per_sample = window * window * x.shape[-1]
+            sizes[name] = per_sample * num_samples * 4
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            qmodel(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
+
+
+def split_by_budget(names: Sequence[str], sizes: Dict[str, int], budget: int) -> List[List[str]]:
+    """Consecutive groups of layers whose captures fit in ``budget`` bytes (at least one layer a group)."""
+    groups: List[List[str]] = []
+    current: List[str] = []
+    used = 0
+    for name in names:
+        size = sizes.get(name, 0)
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def first_samples(batches: Sequence[torch.Tensor], count: int) -> Optional[torch.Tensor]:
+    """The first ``count`` samples of the batches (fewer when the batches hold fewer)."""
+    samples: List[torch.Tensor] = []
+    for batch in batches:
+        for sample in batch:
+            if len(samples) == count:
+                break
+            samples.append(sample)
+    if not samples:
+        return None
+    size = min(min(s.shape[-2:]) for s in samples) if samples[0].dim() == 3 else None
+    if size is not None:
+        samples = [s[..., :size, :size] for s in samples]
+    return torch.stack(samples)
