@@ -13,6 +13,30 @@ from .compat import install_basicsr_compat
 from .errors import OAQError
 
 
+def _launcher(argv: List[str]) -> str:
+    for position, arg in enumerate(argv):
+        if arg == '--launcher' and position + 1 < len(argv):
+            return argv[position + 1]
+        if arg.startswith('--launcher='):
+            return arg.split('=', 1)[1]
+    return 'none'
+
+
+def _start_cpu_process_group() -> None:
+    """Under ``--launcher pytorch`` without CUDA, start the process group with gloo.
+
+    BasicSR's pytorch launcher selects a CUDA device per rank and uses nccl, which fails on a machine
+    without a GPU; with the group already started here, BasicSR's own start is skipped.
+    """
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available() or dist.is_initialized():
+        return
+    dist.init_process_group('gloo')
+    import basicsr.utils.options as basicsr_options
+    basicsr_options.init_dist = lambda *args, **kwargs: None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run BasicSR's test pipeline on an option file; returns the exit code."""
     if argv is not None:
@@ -22,6 +46,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from .basicsr_plugin.registration import register
         register()
+        if _launcher(sys.argv) == 'pytorch':
+            _start_cpu_process_group()
         from basicsr.test import test_pipeline
         test_pipeline(os.getcwd())
     except (OAQError, FileNotFoundError) as error:

@@ -178,3 +178,24 @@ def test_cli_reports_bad_option_in_one_line(shared, tmp_path):
     assert result.returncode == 2
     assert "unknown key 'w_bitz' (did you mean 'w_bits'?)" in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_two_process_run_matches_single_process(plugin_run, shared):
+    """``torchrun --nproc_per_node=2 -m oaq_plugin.test --launcher pytorch`` (gloo on the CPU)."""
+    world, _, single = plugin_run
+    option_file = shared_option_file(shared, world, 'oaq_srvgg_two_processes')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m',
+               'oaq_plugin.test', '-opt', str(option_file), '--launcher', 'pytorch']
+    result = subprocess.run(command, cwd=world, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((single / 'oaq_report.json').read_text())
+    two = json.loads((world / 'results' / 'oaq_srvgg_two_processes' / 'oaq_report.json').read_text())
+    assert [row['name'] for row in one['layers']] == [row['name'] for row in two['layers']]
+    for a, b in zip(one['layers'], two['layers']):
+        for key in ('lower', 'upper', 'breakpoint', 'w_clip'):
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-12), (a['name'], key)
+    assert two['datasets']['Set5']['num_images'] == len(IMAGES)
+    assert set(two['datasets']['Set5']['per_image']) == set(one['datasets']['Set5']['per_image'])
+    for metric, value in one['datasets']['Set5']['fp'].items():
+        assert two['datasets']['Set5']['fp'][metric] == pytest.approx(value, abs=1e-9)

@@ -94,13 +94,12 @@ class OAQModel(SRModel):
         config = self.oaq_config
         c = config.calib
         batches = self.calib_source.batches(c.num_batches, c.batch_size, c.patch_size, c.seed)
-        mine = list(range(self.rank, len(batches), self.world_size))
         self.logger.info(f'OAQ: calibrating {type(self.fp_net).__name__} on {len(self.calib_source)} images '
                          f'({len(batches)} batches of {c.batch_size}x{c.patch_size}^2 patches), W{config.w_bits}'
                          f'A{config.a_bits} {config.act_quantizer}/{config.levels}, protocol {config.protocol}')
         self.result = run_pipeline(
-            self.fp_net, [batches[i].to(self.device) for i in mine], config, progress=self.rank == 0,
-            calib_indices=mine, finetune_source=self.calib_source)
+            self.fp_net, [batch.to(self.device) for batch in batches], config, progress=self.rank == 0,
+            calib_shard=(self.rank, self.world_size), finetune_source=self.calib_source)
         self.quant_net = self.result.model.to(self.device).eval()
         self.backend = self._select_backend(config.kernel)
         if self.rank == 0:

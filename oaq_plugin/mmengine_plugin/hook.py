@@ -229,7 +229,6 @@ class OAQHook(Hook):
         config, rank, world = self.config, dist.get_rank(), dist.get_world_size()
         c = config.calib
         batches = source.batches(c.num_batches, c.batch_size, c.patch_size, c.seed)
-        mine = list(range(rank, len(batches), world))
         device = model_device(network)
         runner.logger.info(f'OAQ: calibrating {type(network).__name__} ({name}) on {len(source)} images of {origin} '
                            f'({len(batches)} batches of {c.batch_size}x{c.patch_size}^2 patches), W{config.w_bits}'
@@ -237,8 +236,8 @@ class OAQHook(Hook):
         self._scale = self._probe_scale(network, source.image(0), device)
         # Hooks may run under no_grad; finetuning needs autograd.
         with torch.enable_grad():
-            self.result = run_pipeline(network, [batches[i].to(device) for i in mine], config,
-                                       progress=rank == 0, calib_indices=mine, finetune_source=source)
+            self.result = run_pipeline(network, [batch.to(device) for batch in batches], config,
+                                       progress=rank == 0, calib_shard=(rank, world), finetune_source=source)
         self.quant_network = to_backend(self.result.model.to(device).eval(), config.kernel)
         self._put(self.quant_network)
         if dist.is_main_process():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ def calibration_batches(calib: CalibrationData, config: OAQConfig) -> tuple:
 
 def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConfig, dict, None] = None,
                  progress: bool = False, example_input: Optional[torch.Tensor] = None,
-                 calib_indices: Optional[List[int]] = None,
+                 calib_shard: Optional[Tuple[int, int]] = None,
                  finetune_source: Optional[PatchSource] = None) -> PipelineResult:
     """Quantize a copy of ``model`` and return it with the per-stage reports.
 
@@ -58,7 +58,9 @@ def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConf
         config: An :class:`OAQConfig` or its dict form (defaults when ``None``).
         progress: Show progress bars.
         example_input: Input used to detect layer roles (default: one calibration sample).
-        calib_indices: Global batch indices of ``calib`` under distributed calibration.
+        calib_shard: ``(rank, world_size)`` under ``torch.distributed``: this process observes the batches
+            ``rank, rank + world_size, ...`` and the statistics are merged across processes; the search
+            and finetuning then run on the same data in every process, so all end with the same model.
         finetune_source: Pool finetuning crops from (default: the calibration data).
     """
     config = OAQConfig.coerce(config)
@@ -70,7 +72,9 @@ def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConf
 
     start = time.perf_counter()
     qmodel = convert(model, config, example)
-    calibrate(qmodel, batches, config, indices=calib_indices, progress=progress)
+    rank, world = calib_shard or (0, 1)
+    mine = list(range(rank, len(batches), world))
+    calibrate(qmodel, [batches[i] for i in mine], config, indices=mine, progress=progress)
     timings['calibrate_s'] = time.perf_counter() - start
 
     search_report = None
