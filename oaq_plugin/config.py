@@ -179,7 +179,6 @@ class OAQConfig:
         layer_bits: Overrides by layer-name pattern (fnmatch): ``{pattern: [w_bits, a_bits]}``, an int for
             both, or ``float`` to leave the layer unquantized. Later patterns win.
         exclude: Layer-name patterns never quantized.
-        quantize_attention: Also quantize the operands of attention matmuls (transformers).
         kernel: Backend at validation: ``auto`` (triton on CUDA, reference otherwise), ``triton``,
             ``reference`` or ``fake``.
         resume: Resume an interrupted calibration/finetuning run from its saved state.
@@ -195,7 +194,6 @@ class OAQConfig:
     end_bits: int = field(default=8, metadata=_range(MIN_BITS, MAX_BITS))
     layer_bits: Dict[str, Any] = field(default_factory=dict)
     exclude: List[str] = field(default_factory=list)
-    quantize_attention: bool = False
     kernel: str = field(default='auto', metadata=_choice(*KERNELS))
     resume: bool = False
     calib: CalibConfig = field(default_factory=CalibConfig)
