@@ -181,7 +181,6 @@ class OAQConfig:
         exclude: Layer-name patterns never quantized.
         kernel: Backend at validation: ``auto`` (triton on CUDA, reference otherwise), ``triton``,
             ``reference`` or ``fake``.
-        resume: Resume an interrupted calibration/finetuning run from its saved state.
     """
 
     w_bits: int = field(default=4, metadata=_range(MIN_BITS, MAX_BITS))
@@ -195,7 +194,6 @@ class OAQConfig:
     layer_bits: Dict[str, Any] = field(default_factory=dict)
     exclude: List[str] = field(default_factory=list)
     kernel: str = field(default='auto', metadata=_choice(*KERNELS))
-    resume: bool = False
     calib: CalibConfig = field(default_factory=CalibConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
