@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -139,13 +140,27 @@ def protocol_lines(runs: Sequence[DemoRun], reports: Dict[str, Dict]) -> List[st
     plain = [run.label for run in runs if not reports[run.name]['config']['search']['enabled']]
     finetuned = [run.label for run in runs if reports[run.name]['config']['finetune']['enabled']]
     if searched:
-        search = reports[next(run.name for run in runs if run.label == searched[0])]['config']['search']
-        lines.append(f"per-layer search (grid {search['grid_size']}, {search['refine_rounds']} refinement, "
-                     f"{search['num_samples']} samples) for: {', '.join(searched)}")
+        search = next(reports[run.name]['config']['search'] for run in runs if run.label == searched[0])
+        what = [key for key in ('breakpoint', 'act_clip', 'weight_clip', 'level_split') if search[key]]
+        lines.append(f"per-layer search of {', '.join(what) or 'nothing'} (grid {search['grid_size']}, "
+                     f"{search['refine_rounds']} refinement, {search['num_samples']} samples) for: "
+                     f"{', '.join(searched)}")
     if plain:
         lines.append(f"no search (calibrated ranges as they are) for: {', '.join(plain)}")
     lines.append(f"finetuning for: {', '.join(finetuned)}" if finetuned else 'no finetuning')
     return lines
+
+
+def machine_line() -> str:
+    """When and where the numbers were measured (the quantized runs use the same device as this)."""
+    import platform
+
+    import torch
+
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f'CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)')
+    return (f"measured {time.strftime('%Y-%m-%d %H:%M')} on {device}, {platform.python_implementation()} "
+            f"{platform.python_version()}, torch {torch.__version__}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -159,7 +174,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print('oaq_plugin.demo: the demo images come from scikit-image: pip install scikit-image', file=sys.stderr)
         return 2
 
-    written = demo_data.write_demo_data(test_images=test_images)
+    try:
+        written = demo_data.write_demo_data(test_images=test_images)
+    except (OSError, ValueError) as error:
+        print(f'oaq_plugin.demo: cannot prepare the demo data: {error}', file=sys.stderr)
+        return 2
     root = demo_data.DATA_ROOT
     print(f"demo data {'written to' if written else 'reused from'} {root}: test set "
           f"({', '.join(test_images)}; held out from training), calibration LR images "
@@ -178,27 +197,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f'oaq_plugin.demo: {error}', file=sys.stderr)
             return 1
         notes = [f'{wall[run.name]:.1f}s']
-        if previous:
-            notes.append(f'the previous results were archived as {run.name}_archived_<time>')
+        archives = sorted(RESULTS.glob(f'{run.name}_archived_*'))
+        if previous and archives:
+            notes.append(f'the previous results were moved to {archives[-1]}')
         if pruned:
             notes.append(f'{len(pruned)} older archive(s) removed')
         print(f'      done: {"; ".join(notes)}', flush=True)
 
     first = reports[runs[0].name]
     net = first['network_g']
+    lines = [
+        f"EDSR x{net['upscale']} ({net['num_feat']} features, {net['num_block']} residual blocks; weights "
+        f"{network.WEIGHTS_PATH.name}, trained by tools/train_demo_model.py on {len(sample_images.TRAIN_IMAGES)} "
+        f"scikit-image samples)",
+        f"validated on {first['datasets'][DATASET]['num_images']} held-out images ({', '.join(test_images)}); "
+        f"PSNR-Y/SSIM-Y vs ground truth, crop {sample_images.SCALE}; fidelity PSNR (Y) and CIE76 ΔE "
+        f"of the quantized vs the float output",
+        *protocol_lines(runs, reports),
+        machine_line(),
+        '',
+        summary(runs, reports, wall),
+    ]
+    summary_path = RESULTS / 'oaq_demo_summary.txt'
+    summary_path.write_text('\n'.join(lines) + '\n')
     print()
-    print(f"EDSR x{net['upscale']} ({net['num_feat']} features, {net['num_block']} residual blocks; weights "
-          f"{network.WEIGHTS_PATH.name}, trained by tools/train_demo_model.py on {len(sample_images.TRAIN_IMAGES)} "
-          f"scikit-image samples)")
-    print(f"validated on {first['datasets'][DATASET]['num_images']} held-out images ({', '.join(test_images)}); "
-          f"PSNR-Y/SSIM-Y vs ground truth, crop {sample_images.SCALE}; fidelity PSNR (Y) and CIE76 ΔE "
-          f"of the quantized vs the float output")
-    for line in protocol_lines(runs, reports):
-        print(line)
-    print()
-    print(summary(runs, reports, wall))
+    print('\n'.join(lines))
     print()
     print(f"reports: {', '.join(str(run.results_dir / 'oaq_report.json') for run in runs)}")
-    print(f'option files (copy them to start your own): {OPTIONS_DIR}')
+    print('each results/<run>/ also holds quantized.pth, activation_histograms.png, crops/ (ground truth, FP, '
+          "quantized side by side) and BasicSR's log")
+    print(f'this table: {summary_path}; option files (copy them to start your own): {OPTIONS_DIR}')
     print(f'total {time.perf_counter() - start:.0f}s')
     return 0

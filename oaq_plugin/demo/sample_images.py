@@ -12,8 +12,8 @@ import numpy as np
 
 SCALE = 2
 
-# ``skimage.data.cat`` is ``chelsea`` under another name and the two motorcycle views show the same
-# scene, so neither appears here: the held-out set must share no content with the training set.
+# ``skimage.data.cat`` is ``chelsea`` under another name and the two views of ``stereo_motorcycle``
+# show one scene: ``cat`` and the right view are never used, so no held-out content reaches training.
 HELD_OUT_IMAGES: Tuple[str, ...] = ('astronaut', 'chelsea', 'coffee')
 TRAIN_IMAGES: Tuple[str, ...] = (
     'rocket', 'motorcycle', 'immunohistochemistry', 'hubble_deep_field', 'retina',
