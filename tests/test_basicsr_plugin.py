@@ -57,7 +57,8 @@ def shared_option_file(shared: Path, world: Path, name: str, **oaq_overrides) ->
 def plugin_run(shared, tmp_path_factory):
     """One run of ``python -m oaq_plugin.test`` on a small world, in its own working directory."""
     world = tmp_path_factory.mktemp('basicsr_world')
-    option_file = shared_option_file(shared, world, 'oaq_srvgg_small')
+    option_file = shared_option_file(shared, world, 'oaq_srvgg_small', analysis={'layer_sensitivity': True,
+                                                                                 'num_images': 1})
     weights = shared / 'weights/SRVGGNetCompact/realesr-animevideov3.pth'
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     result = subprocess.run([sys.executable, '-m', 'oaq_plugin.test', '-opt', str(option_file)], cwd=world,
@@ -93,6 +94,9 @@ def test_report_schema_and_artifacts(plugin_run):
     assert report['layers'][0]['a_bits'] == 8 and row['a_bits'] == 4
     assert report['config']['w_bits'] == 4 and report['peak_memory']['cpu_peak_rss_mib'] > 0
     assert (results / 'quantized.pth').is_file() and (results / 'activation_histograms.png').is_file()
+    assert (results / 'layer_sensitivity.png').is_file()
+    drops = {row['name']: row['drop'] for row in report['layer_sensitivity']['layers']}
+    assert set(drops) == {row['name'] for row in report['layers']}
     assert sorted(p.stem for p in (results / 'crops' / 'Set5').glob('*.png')) == sorted(f'{i}x4' for i in IMAGES)
 
 

@@ -126,9 +126,29 @@ class OAQModel(SRModel):
             'protocol_note': 'PSNR/SSIM as the val.metrics of the option file; fidelity_psnr = quantized vs FP '
                              'output (Y, crop = scale); delta_e = mean CIE76 Delta E quantized vs FP output',
         })
+        if self.oaq_config.analysis.layer_sensitivity:
+            self.report.set('layer_sensitivity', self._layer_sensitivity())
         self.report.write()
         timings = ', '.join(f'{k} {v:.1f}s' for k, v in self.result.timings.items())
         self.logger.info(f'OAQ: quantized model written to {checkpoint} ({timings})')
+
+    def _layer_sensitivity(self) -> dict:
+        """PSNR drop of each layer quantized alone, on calibration crops against the float output."""
+        from ..pipeline.sensitivity import fidelity_pairs, layer_sensitivity, plot_sensitivity
+        count = min(self.oaq_config.analysis.num_images, len(self.calib_source))
+        size = self.oaq_config.calib.patch_size
+        crops = []
+        for index in range(count):
+            image = self.calib_source.image(index)
+            top = max(image.shape[-2] - size, 0) // 2
+            left = max(image.shape[-1] - size, 0) // 2
+            crops.append(image[:, top:top + size, left:left + size])
+        report = layer_sensitivity(self.quant_net, fidelity_pairs(self.fp_net, crops), self.scale, reference='fp',
+                                   progress=True)
+        plot_sensitivity(report, self.results_root / 'layer_sensitivity.png',
+                         title=f'{type(self.fp_net).__name__}: PSNR drop with one layer quantized')
+        self.logger.info('OAQ: per-layer sensitivity (fidelity PSNR drop, calibration crops)\n' + report.summary())
+        return report.to_dict()
 
     # -- inference ---------------------------------------------------------------------------------
     def _infer(self, net) -> torch.Tensor:
