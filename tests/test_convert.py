@@ -98,3 +98,24 @@ def test_basicsr_edsr_roles():
     assert plans['conv_first'].role == 'first' and plans['conv_last'].role == 'last'
     assert plans['upsample.0'].role == 'upsampler' and plans['upsample.2'].role == 'upsampler'
     assert plans['body.0.conv1'].role == 'body'
+
+
+def test_small_random_swinir_quantizes_linear_layers():
+    from basicsr.archs.swinir_arch import SwinIR
+    from oaq_plugin.pipeline.inference import run_padded
+    from oaq_plugin.quant import QuantLinear
+    torch.manual_seed(0)
+    model = SwinIR(upscale=2, in_chans=3, img_size=16, window_size=4, img_range=1.0, depths=[2], embed_dim=12,
+                   num_heads=[2], mlp_ratio=2, upsampler='pixelshuffle', resi_connection='1conv').eval()
+    qmodel = quantize(model, [torch.rand(2, 3, 16, 16)], NO_SEARCH)
+    plans = {p.name: p for p in qmodel.oaq_plans}
+    assert plans['conv_first'].role == 'first' and plans['conv_last'].role == 'last'
+    assert plans['upsample.0'].role == 'upsampler'
+    linears = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.act_quantizer.bits == 4 for m in linears)
+    x = torch.rand(1, 3, 14, 18)
+    with torch.no_grad():
+        out = run_padded(qmodel, x, scale=2, window=4)
+        ref = run_padded(model, x, scale=2, window=4)
+    assert out.shape == (1, 3, 28, 36) and torch.isfinite(out).all()
+    assert float((out - ref).abs().mean()) < 0.1
