@@ -23,6 +23,8 @@ KERNELS = ('auto', 'triton', 'reference', 'fake')
 FINETUNE_MODES = ('sensitivity', 'vanilla')
 TAP_SETS = ('blocks', 'layers')
 IO_BACKENDS = ('disk', 'lmdb')
+ALLOCATION_WEIGHTINGS = ('params', 'layers')
+LR_MODES = ('absolute', 'relative')
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -114,6 +116,9 @@ class FinetuneConfig:
         patch_size: Side of the LR patches.
         lr: Adam learning rate of every group.
         lr_decay: Each group's learning rate is multiplied by this after an epoch in which it trained.
+        lr_mode: ``absolute`` (the paper: every parameter steps by about ``lr``) or ``relative`` (each
+            parameter's learning rate is ``lr`` times its initial magnitude, so clips of 0.05 and bounds
+            of 50 move by the same fraction).
         rec_weight: lambda, the weight of the output reconstruction loss.
         sen_weight: w_sen, the weight of the feature (sensitivity) loss.
         temperature: Softmax temperature of the tap weights s_k.
@@ -122,9 +127,9 @@ class FinetuneConfig:
         tap_samples: Calibration crops on which the taps' standard deviations (for s_k) are measured.
         output_scale: Factor bringing the SR output to the 0-255 scale of the reconstruction loss
             (255 for networks with [0, 1] outputs).
-        lookup_fake_quant: Train through a table look-up fake quantization with a closed-form
-            backward (same values and gradients as the reference arithmetic up to rounding ties,
-            several times faster on a CPU); false uses the reference arithmetic.
+        fast_fake_quant: Train through a fake quantization with a closed-form backward (the same
+            values and gradients as the reference arithmetic up to float rounding, several times
+            faster on a CPU); false trains through the reference arithmetic.
         seed: Seed of crops and augmentation.
     """
 
@@ -136,6 +141,7 @@ class FinetuneConfig:
     patch_size: int = field(default=96, metadata=_range(8))
     lr: float = field(default=1e-3, metadata=_range(0.0))
     lr_decay: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    lr_mode: str = field(default='absolute', metadata=_choice(*LR_MODES))
     rec_weight: float = field(default=5.0, metadata=_range(0.0))
     sen_weight: float = field(default=10.0, metadata=_range(0.0))
     temperature: float = field(default=1.0, metadata=_range(1e-6))
@@ -143,7 +149,7 @@ class FinetuneConfig:
     tap_patterns: List[str] = field(default_factory=list)
     tap_samples: int = field(default=16, metadata=_range(1))
     output_scale: float = field(default=255.0, metadata=_range(1e-6))
-    lookup_fake_quant: bool = True
+    fast_fake_quant: bool = True
     seed: int = 0
 
 
@@ -157,10 +163,26 @@ class TileConfig:
 
 @dataclass
 class AnalysisConfig:
-    """Optional analyses written next to the results."""
+    """Optional analyses written next to the results.
+
+    Args:
+        layer_sensitivity: Quantize one layer at a time (the rest float) and report/plot each one's PSNR.
+        num_images: Images (held-out calibration crops) the analyses are measured on.
+        sensitivity_bits: Width every layer is analysed at (the paper's analysis: 4); ``None`` keeps each
+            layer's planned bits (8 for the ends under the ``full`` protocol).
+        bit_allocation: Also allocate bits per body layer from the sensitivity under the average budget of
+            ``w_bits``, and measure it against uniform bits (fidelity PSNR on held-out calibration crops).
+        allocation_offsets: Widths offered to each body layer, relative to ``w_bits``.
+        allocation_weighting: The budget averages bits over layers weighted by their number of weights
+            (``params``) or equally (``layers``).
+    """
 
     layer_sensitivity: bool = False
     num_images: int = field(default=4, metadata=_range(1))
+    sensitivity_bits: Optional[int] = field(default=None, metadata=_range(MIN_BITS, MAX_BITS))
+    bit_allocation: bool = False
+    allocation_offsets: List[int] = field(default_factory=lambda: [-1, 0, 1])
+    allocation_weighting: str = field(default='params', metadata=_choice(*ALLOCATION_WEIGHTINGS))
 
 
 @dataclass

@@ -5,57 +5,23 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oaq_plugin import NumericalError, OAQConfig
-from oaq_plugin.pipeline.calibrate import calibrate
-from oaq_plugin.pipeline.feature_taps import detect_blocks
-from oaq_plugin.pipeline.finetune import (FeatureTaps, finetune, parameter_groups, sensitivity_loss,
-                                          tap_weights)
+from oaq_plugin.pipeline.feature_taps import FeatureTaps, detect_blocks
+from oaq_plugin.pipeline.finetune import finetune, parameter_groups, sensitivity_loss, tap_weights
+from oaq_plugin.pipeline.training_fake_quant import fast_quantize
+from oaq_plugin.quant import DualRegionQuantizer, UniformQuantizer, quant_layers
 from oaq_plugin.pipeline.patches import PatchSource
-from oaq_plugin.quant.convert import convert
-
-
-class Block(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.act = nn.LeakyReLU(0.1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv2(self.act(self.conv1(x))) + x
-
-
-class TinyResSR(nn.Module):
-    """head -> 2 residual blocks -> conv + PixelShuffle(2): RGB [0, 1] in and out, like the zoo models."""
-
-    def __init__(self, channels=8):
-        super().__init__()
-        self.head = nn.Conv2d(3, channels, 3, padding=1)
-        self.block1 = Block(channels)
-        self.block2 = Block(channels)
-        self.up = nn.Conv2d(channels, 12, 3, padding=1)
-        self.shuffle = nn.PixelShuffle(2)
-
-    def forward(self, x):
-        f = self.head(x)
-        return self.shuffle(self.up(self.block2(self.block1(f)) + f)) + nn.functional.interpolate(x, scale_factor=2)
+from tiny_sr import TinyResSR, calibrated_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 
 def make_setup(seed=0, **finetune):
-    torch.manual_seed(seed)
-    model = TinyResSR().eval()
-    generator = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, 24, 24, generator=generator) for _ in range(6)]
-    source = PatchSource(images)
     options = {'search': {'enabled': False},
                'finetune': {'enabled': True, 'epochs': 3, 'iters_per_epoch': 4, 'batch_size': 2, 'patch_size': 12,
                             'tap_samples': 4, **finetune}}
-    config = OAQConfig.from_dict(options)
-    batches = source.batches(2, 4, 12, seed=1)
-    qmodel = convert(model, config, batches[0][:1])
-    calibrate(qmodel, batches, config)
+    model, qmodel, source, config, _ = calibrated_tiny(options, seed)
     return model, qmodel, source, config
 
 
@@ -93,13 +59,18 @@ def test_blocks_are_detected_as_taps():
 
 
 def test_finetuning_decreases_the_loss():
-    model, qmodel, source, config = make_setup(epochs=6, iters_per_epoch=8, lr=1e-2)
+    model, qmodel, source, config = make_setup(epochs=3, iters_per_epoch=6, lr=1e-2)
+    # Start away from the calibrated optimum, so that a few iterations show the direction of the gradients.
+    with torch.no_grad():
+        for _, layer in quant_layers(qmodel):
+            layer.weight_quantizer.clip.mul_(0.5)
+            layer.act_quantizer.upper.mul_(0.5)
     held = PatchSource.batches(source, 3, 4, 12, seed=99)
     before = eval_loss(model, qmodel, config, held)
     report = finetune(model, qmodel, source, config)
     after = eval_loss(model, qmodel, config, held)
     assert after < before
-    assert report.iterations == 48 and len(report.epochs) == 6
+    assert report.iterations == 18 and len(report.epochs) == 3
 
 
 def test_deterministic_for_a_seed():
@@ -175,3 +146,41 @@ def test_nan_stops_with_numerical_error_naming_the_layer():
         qmodel.block2.conv1.weight_quantizer.clip.fill_(float('nan'))
     with pytest.raises(NumericalError, match='block2.conv1'):
         finetune(model, qmodel, source, config)
+
+
+def _quantizer(kind, lower, upper, bp_ratio, levels, bits):
+    if kind == 'uniform':
+        q = UniformQuantizer(bits)
+    else:
+        q = DualRegionQuantizer(bits, levels=levels)
+        q.set_breakpoint(bp_ratio * max(abs(lower), abs(upper)))
+    q.set_bounds(lower, upper)
+    for p in q.parameters():
+        p.requires_grad_(True)
+    return q
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(['dual', 'uniform']), lower=st.floats(-50, 0.5), width=st.floats(0.5, 80),
+       bp_ratio=st.floats(0.02, 1.2), levels=st.sampled_from(['paper', 'pwlq']), bits=st.integers(2, 8),
+       seed=st.integers(0, 10))
+def test_fast_fake_quant_matches_reference_values_and_gradients(kind, lower, width, bp_ratio, levels, bits, seed):
+    q = _quantizer(kind, lower, lower + width, bp_ratio, levels, bits)
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(4000, generator=generator) ** 3 * width / 6 + lower + width / 3).requires_grad_(True)
+    g = torch.randn(4000, generator=generator)
+    reference = q(x)
+    (reference * g).sum().backward()
+    ref_grads = [x.grad.clone()] + [p.grad.clone() if p.grad is not None else torch.zeros(()) for p in q.parameters()]
+    x.grad = None
+    q.zero_grad()
+    fast = fast_quantize(q.grid(), x)
+    (fast * g).sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() if p.grad is not None else torch.zeros(()) for p in q.parameters()]
+    # Equal up to float rounding (a value within an ulp of a rounding boundary may round the other way).
+    assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-5 * width)
+    # The reference's input gradient is (1/step) * step, one ulp from 1; here it is exactly 1.
+    assert torch.allclose(grads[0], ref_grads[0], rtol=1e-6, atol=0)
+    scale = float(g.abs().sum()) * width * 1e-6
+    for new, ref in zip(grads[1:], ref_grads[1:]):
+        assert torch.allclose(new, ref, rtol=1e-4, atol=scale)

@@ -126,15 +126,17 @@ class OAQModel(SRModel):
             'protocol_note': 'PSNR/SSIM as the val.metrics of the option file; fidelity_psnr = quantized vs FP '
                              'output (Y, crop = scale); delta_e = mean CIE76 Delta E quantized vs FP output',
         })
-        if self.oaq_config.analysis.layer_sensitivity:
+        analysis = self.oaq_config.analysis
+        if analysis.layer_sensitivity:
             self.report.set('layer_sensitivity', self._layer_sensitivity())
+        if analysis.bit_allocation:
+            self.report.set('bit_allocation', self._bit_allocation())
         self.report.write()
         timings = ', '.join(f'{k} {v:.1f}s' for k, v in self.result.timings.items())
         self.logger.info(f'OAQ: quantized model written to {checkpoint} ({timings})')
 
-    def _layer_sensitivity(self) -> dict:
-        """PSNR drop of each layer quantized alone, on calibration crops against the float output."""
-        from ..pipeline.sensitivity import fidelity_pairs, layer_sensitivity, plot_sensitivity
+    def _holdout_crops(self) -> list:
+        """Centre crops of the first ``analysis.num_images`` calibration images (never a test set)."""
         count = min(self.oaq_config.analysis.num_images, len(self.calib_source))
         size = self.oaq_config.calib.patch_size
         crops = []
@@ -143,8 +145,28 @@ class OAQModel(SRModel):
             top = max(image.shape[-2] - size, 0) // 2
             left = max(image.shape[-1] - size, 0) // 2
             crops.append(image[:, top:top + size, left:left + size])
-        report = layer_sensitivity(self.quant_net, fidelity_pairs(self.fp_net, crops), self.scale, reference='fp',
-                                   progress=True)
+        return crops
+
+    def _bit_allocation(self) -> dict:
+        """Sensitivity-driven bits per body layer against uniform bits, measured on held-out calibration crops."""
+        from ..pipeline.patches import PatchSource
+        from ..pipeline.sensitivity import sensitivity_allocation
+        holdout = self._holdout_crops()
+        rest = [self.calib_source.images[i] for i in range(len(holdout), len(self.calib_source))]
+        if not rest:
+            raise DataError('oaq.analysis.bit_allocation needs more calibration images than analysis.num_images')
+        result = sensitivity_allocation(self.fp_net, PatchSource(rest), holdout, self.oaq_config, self.scale,
+                                        progress=True)
+        self.logger.info(f'OAQ: bit allocation: fidelity {result.uniform_psnr:.2f} dB uniform, '
+                         f'{result.allocated_psnr:.2f} dB allocated (held-out calibration crops)')
+        return result.to_dict()
+
+    def _layer_sensitivity(self) -> dict:
+        """PSNR drop of each layer quantized alone, on calibration crops against the float output."""
+        from ..pipeline.sensitivity import fidelity_pairs, layer_sensitivity, plot_sensitivity
+        pairs = fidelity_pairs(self.fp_net, self._holdout_crops())
+        report = layer_sensitivity(self.quant_net, pairs, self.scale, reference='fp',
+                                   bits=self.oaq_config.analysis.sensitivity_bits, progress=True)
         plot_sensitivity(report, self.results_root / 'layer_sensitivity.png',
                          title=f'{type(self.fp_net).__name__}: PSNR drop with one layer quantized')
         self.logger.info('OAQ: per-layer sensitivity (fidelity PSNR drop, calibration crops)\n' + report.summary())

@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from ..errors import NumericalError
 from ..quant.dual_region import DualRegionQuantizer
 from ..quant.layers import QuantLayer, quant_layers
 from .feature_taps import FeatureTaps, TapKey, tap_names
-from .lookup_fake_quant import lookup_fake_quantization
+from .training_fake_quant import fast_fake_quantization
 from .patches import PatchSource
 
 # The parameter groups of SAFT, trained one an epoch in this order.
@@ -174,10 +174,17 @@ class _Trainer:
         self.generator, self.device = generator, device
         self.groups = parameter_groups(qmodel)
         self.order = [g for g in GROUPS if g in self.groups]
-        # One Adam with a parameter group per SAFT group: each keeps its moments and its own lr.
-        self.optimizer = torch.optim.Adam(
-            [{'params': [p for _, p in self.groups[g]], 'lr': self.settings.lr, 'name': g} for g in self.order],
-            lr=self.settings.lr)
+        self.lr = {g: self.settings.lr for g in self.order}
+        # One Adam; each parameter is its own Adam group so that ``relative`` learning rates can scale
+        # by the parameter's size. ``name`` says which SAFT group it trains with.
+        param_groups = []
+        for g in self.order:
+            for _, p in self.groups[g]:
+                scale = 1.0
+                if self.settings.lr_mode == 'relative':
+                    scale = max(float(p.detach().abs().mean()), 1e-8)
+                param_groups.append({'params': [p], 'lr': self.settings.lr * scale, 'name': g, 'scale': scale})
+        self.optimizer = torch.optim.Adam(param_groups, lr=self.settings.lr)
 
     def step(self, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.settings
@@ -196,8 +203,10 @@ class _Trainer:
         for group in self.order:
             for _, p in self.groups[group]:
                 p.requires_grad_(group == active)
-        param_group = next(pg for pg in self.optimizer.param_groups if pg['name'] == active)
-        lr = param_group['lr']
+        lr = self.lr[active]
+        for param_group in self.optimizer.param_groups:
+            if param_group['name'] == active:
+                param_group['lr'] = lr * param_group['scale']
         start = time.perf_counter()
         sums = [0.0, 0.0, 0.0]
         for iteration in range(s.iters_per_epoch):
@@ -205,8 +214,7 @@ class _Trainer:
             loss, rec, sen = self.step(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # Checked before the step, so the parameters still show where the problem started; the
-            # gradients are checked too because a look-up quantizer maps a NaN input to a finite level.
+            # Checked before the step, so that the parameters still show where the problem started.
             if not torch.isfinite(loss) or not all(p.grad is None or torch.isfinite(p.grad).all()
                                                    for _, p in self.groups[active]):
                 _raise_numerical(self.qmodel, batch, epoch, iteration)
@@ -215,7 +223,7 @@ class _Trainer:
                 sums[index] += float(value.detach())
             bar.update(1)
             bar.set_postfix(epoch=epoch, group=active, loss=f'{sums[0] / (iteration + 1):.4f}')
-        param_group['lr'] *= s.lr_decay
+        self.lr[active] = lr * s.lr_decay
         count = s.iters_per_epoch
         return EpochRecord(epoch=epoch, group=active, lr=lr, loss=sums[0] / count, rec_loss=sums[1] / count,
                            sen_loss=sums[2] / count, seconds=time.perf_counter() - start)
@@ -227,7 +235,8 @@ class _Trainer:
 
 
 def finetune(fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config: OAQConfig,
-             progress: bool = False) -> FinetuneReport:
+             progress: bool = False, epoch_callback: Optional[Callable[[EpochRecord], None]] = None
+             ) -> FinetuneReport:
     """Finetune the quantizer parameters of ``qmodel`` in place, with ``fp_model`` as teacher.
 
     Args:
@@ -236,6 +245,7 @@ def finetune(fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config
         source: The calibration pool; random crops with flips/rotations are drawn from it each epoch.
         config: The method's configuration (``config.finetune``).
         progress: Show a progress bar with the running loss.
+        epoch_callback: Called after every epoch with its record (for logging; it must not select).
 
     Returns:
         A :class:`FinetuneReport`; the model after the last epoch is the result (nothing is selected).
@@ -269,13 +279,15 @@ def finetune(fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config
 
         trainer = _Trainer(fp_model, qmodel, source, config, keys, weights, fp_taps, q_taps, generator, device)
         stack.callback(trainer.release)
-        if settings.lookup_fake_quant:
-            stack.enter_context(lookup_fake_quantization(qmodel))
+        if settings.fast_fake_quant:
+            stack.enter_context(fast_fake_quantization(qmodel))
         bar = stack.enter_context(tqdm(total=settings.epochs * settings.iters_per_epoch,
                                        desc=f'finetune ({settings.mode})', unit='it', disable=not progress,
                                        leave=False))
         for epoch in range(settings.epochs):
             report.epochs.append(trainer.epoch(epoch, bar))
+            if epoch_callback is not None:
+                epoch_callback(report.epochs[-1])
     report.iterations = settings.epochs * settings.iters_per_epoch
     report.seconds = time.perf_counter() - start_time
     report.seconds_per_iteration = sum(e.seconds for e in report.epochs) / max(report.iterations, 1)

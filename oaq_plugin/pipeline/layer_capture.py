@@ -7,6 +7,7 @@ seeded generator, so a float pass and a partly quantized pass cut the same windo
 """
 from __future__ import annotations
 
+import zlib
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -73,8 +74,9 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
     if missing:
         raise KeyError(f'no quantized layer named {sorted(missing)[0]!r}')
     pieces: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
-    generators = {name: torch.Generator().manual_seed(seed * 7919 + index)
-                  for index, name in enumerate(sorted(layers))}
+    # Seeded by name, so that a capture of one layer cuts the same windows as a capture of many.
+    generators = {name: torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                  for name in layers}
     pending = set(layers)
 
     def make_hook(name: str):

@@ -25,33 +25,50 @@ from ..quant.layers import QuantLayer, quant_layers
 ImagePair = Tuple[torch.Tensor, torch.Tensor]
 
 
-def psnr_y(output: torch.Tensor, reference: torch.Tensor, crop_border: int) -> float:
-    """PSNR on the BT.601 Y channel of two RGB [0, 1] images (C, H, W), after rounding both to uint8 and
-    cropping ``crop_border`` pixels (METHOD.md §9; the same numbers as BasicSR's
-    ``calculate_psnr(..., test_y_channel=True)`` on ``tensor2img`` images)."""
-    def to_y(image: torch.Tensor) -> torch.Tensor:
-        pixels = (image.detach().float().clamp(0, 1) * 255.0).round().double()
-        if pixels.shape[0] == 3:
-            r, g, b = pixels[0], pixels[1], pixels[2]
-            return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
-        return pixels[0]
-    y_out, y_ref = to_y(output), to_y(reference)
+def _luma(image: torch.Tensor) -> torch.Tensor:
+    """BT.601 Y (16-235) of an RGB [0, 1] image (C, H, W) after rounding it to uint8; one channel passes."""
+    pixels = (image.detach().float().clamp(0, 1) * 255.0).round().double()
+    if pixels.shape[0] == 3:
+        r, g, b = pixels[0], pixels[1], pixels[2]
+        return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    return pixels[0]
+
+
+def y_mse(output: torch.Tensor, reference: torch.Tensor, crop_border: int) -> float:
+    """Mean squared error on the Y channel, after uint8 rounding and cropping ``crop_border`` pixels
+    (the metric protocol of METHOD.md §9)."""
+    y_out, y_ref = _luma(output), _luma(reference)
     height = min(y_out.shape[-2], y_ref.shape[-2])
     width = min(y_out.shape[-1], y_ref.shape[-1])
     y_out, y_ref = y_out[:height, :width], y_ref[:height, :width]
     if crop_border:
         y_out = y_out[crop_border:-crop_border, crop_border:-crop_border]
         y_ref = y_ref[crop_border:-crop_border, crop_border:-crop_border]
-    mse = float((y_out - y_ref).pow(2).mean())
+    return float((y_out - y_ref).pow(2).mean())
+
+
+def psnr_from_mse(mse: float) -> float:
     return float('inf') if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
+def psnr_y(output: torch.Tensor, reference: torch.Tensor, crop_border: int) -> float:
+    """PSNR on the Y channel of two RGB [0, 1] images (C, H, W): the numbers of BasicSR's
+    ``calculate_psnr(..., test_y_channel=True)`` on ``tensor2img`` images."""
+    return psnr_from_mse(y_mse(output, reference, crop_border))
+
+
 @torch.no_grad()
+def image_errors(model: nn.Module, pairs: Sequence[ImagePair], crop_border: int) -> Tuple[float, float]:
+    """``(mean PSNR, mean MSE)`` of ``model`` over (LR, reference) pairs, per image then averaged."""
+    device = next(model.parameters()).device
+    errors = [y_mse(model(lr[None].to(device))[0].cpu(), ref, crop_border) for lr, ref in pairs]
+    psnrs = [psnr_from_mse(e) for e in errors]
+    return sum(psnrs) / len(psnrs), sum(errors) / len(errors)
+
+
 def mean_psnr(model: nn.Module, pairs: Sequence[ImagePair], crop_border: int) -> float:
     """Mean Y-PSNR of ``model`` over (LR, reference) pairs."""
-    device = next(model.parameters()).device
-    values = [psnr_y(model(lr[None].to(device))[0].cpu(), ref, crop_border) for lr, ref in pairs]
-    return sum(values) / len(values)
+    return image_errors(model, pairs, crop_border)[0]
 
 
 @torch.no_grad()
@@ -67,7 +84,8 @@ def fidelity_pairs(fp_model: nn.Module, lr_images: Sequence[torch.Tensor]) -> Li
 
 @dataclass
 class LayerSensitivity:
-    """PSNR with only this layer quantized (at ``w_bits``/``a_bits``), and its drop from the float model."""
+    """One layer quantized (at ``w_bits``/``a_bits``), the rest float: its PSNR, the drop from the float
+    model, and ``error``, the increase of the mean squared Y error (what the allocation adds up)."""
 
     name: str
     role: str
@@ -75,31 +93,46 @@ class LayerSensitivity:
     a_bits: int
     num_weights: int
     psnr: float
-    drop: float
+    drop: Optional[float]
+    error: float
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    return None if value is None or math.isinf(value) else value
 
 
 @dataclass
 class SensitivityReport:
-    """The per-layer analysis; ``reference`` says whether PSNR is against ground truth or the float output."""
+    """The per-layer analysis. ``reference`` is ``hr`` (ground truth) or ``fp`` (the float output: then
+    the float PSNR is infinite, the drop undefined, and the PSNR is the fidelity PSNR)."""
 
     reference: str
     float_psnr: float
+    float_mse: float
     layers: List[LayerSensitivity] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {'reference': self.reference, 'float_psnr': self.float_psnr, 'seconds': self.seconds,
-                'layers': [asdict(layer) for layer in self.layers]}
+        layers = []
+        for layer in self.layers:
+            data = asdict(layer)
+            data['psnr'] = _finite(layer.psnr)
+            layers.append(data)
+        return {'reference': self.reference, 'float_psnr': _finite(self.float_psnr), 'float_mse': self.float_mse,
+                'seconds': self.seconds, 'layers': layers}
 
     def ranked(self) -> List[LayerSensitivity]:
         """Layers from the most to the least sensitive."""
-        return sorted(self.layers, key=lambda layer: layer.drop, reverse=True)
+        return sorted(self.layers, key=lambda layer: layer.error, reverse=True)
 
     def summary(self, top: int = 10) -> str:
-        lines = [f'float PSNR {self.float_psnr:.2f} dB ({self.reference} reference); most sensitive layers:',
-                 f"{'layer':36s} {'bits':>5s} {'PSNR':>7s} {'drop':>7s}"]
+        head = (f'float PSNR {self.float_psnr:.2f} dB' if self.reference == 'hr'
+                else 'PSNR against the float output (fidelity)')
+        lines = [f'{head}; most sensitive layers of {len(self.layers)}:',
+                 f"{'layer':36s} {'W/A':>5s} {'PSNR':>7s} {'drop':>7s}"]
         for layer in self.ranked()[:top]:
-            lines.append(f'{layer.name[:36]:36s} {layer.w_bits}/{layer.a_bits:<3d} {layer.psnr:7.2f} {layer.drop:7.2f}')
+            drop = f'{layer.drop:7.2f}' if layer.drop is not None else f"{'-':>7s}"
+            lines.append(f'{layer.name[:36]:36s} {layer.w_bits}/{layer.a_bits:<3d} {layer.psnr:7.2f} {drop}')
         return '\n'.join(lines)
 
 
@@ -160,15 +193,16 @@ def layer_sensitivity(qmodel: nn.Module, pairs: Sequence[ImagePair], crop_border
     qmodel.eval()
     try:
         with _all_float(qmodel):
-            float_psnr = mean_psnr(qmodel, pairs, crop_border)
-        report = SensitivityReport(reference=reference, float_psnr=float_psnr)
+            float_psnr, float_mse = image_errors(qmodel, pairs, crop_border)
+        report = SensitivityReport(reference=reference, float_psnr=float_psnr, float_mse=float_mse)
         for name, layer in tqdm(layers, desc='sensitivity', unit='layer', disable=not progress, leave=False):
             with _only_quantized(qmodel, name), layer_bits(layer, bits):
-                psnr = mean_psnr(qmodel, pairs, crop_border)
+                psnr, mse = image_errors(qmodel, pairs, crop_border)
             report.layers.append(LayerSensitivity(
                 name=name, role=layer.role, w_bits=layer.weight_quantizer.bits if bits is None else bits,
                 a_bits=layer.act_quantizer.bits if bits is None else bits, num_weights=layer.weight.numel(),
-                psnr=psnr, drop=float_psnr - psnr))
+                psnr=psnr, drop=float_psnr - psnr if math.isfinite(float_psnr) else None,
+                error=mse - float_mse))
     finally:
         qmodel.train(was_training)
     report.seconds = time.perf_counter() - start
@@ -196,17 +230,19 @@ def plot_sensitivity(report: SensitivityReport, path: Union[str, Path], title: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [layer.name for layer in report.layers]
-    drops = [layer.drop for layer in report.layers]
+    use_drop = all(layer.drop is not None for layer in report.layers)
+    values = [layer.drop if use_drop else _finite(layer.psnr) or 0.0 for layer in report.layers]
     colours = {'first': 'tab:green', 'last': 'tab:red', 'upsampler': 'tab:purple', 'body': 'tab:blue'}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names) + 2), 4.2))
-    ax.bar(range(len(names)), drops, color=[colours.get(layer.role, 'tab:gray') for layer in report.layers])
+    ax.bar(range(len(names)), values, color=[colours.get(layer.role, 'tab:gray') for layer in report.layers])
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylabel('PSNR drop (dB)')
+    ax.set_ylabel('PSNR drop (dB)' if use_drop else 'PSNR vs float output (dB), lower = more sensitive')
     bits = sorted({(layer.w_bits, layer.a_bits) for layer in report.layers})
     label = ', '.join(f'W{w}A{a}' for w, a in bits)
-    ax.set_title(title or f'one layer quantized ({label}), others float; float {report.float_psnr:.2f} dB '
-                 f'({report.reference} reference)', fontsize=9)
+    reference = (f'float {report.float_psnr:.2f} dB against ground truth' if use_drop
+                 else 'fidelity to the float output')
+    ax.set_title(title or f'one layer quantized ({label}), the others float; {reference}', fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, list(colours), fontsize=7, loc='upper right')
     fig.tight_layout()
@@ -217,15 +253,16 @@ def plot_sensitivity(report: SensitivityReport, path: Union[str, Path], title: s
 
 def allocate_bits(reports: Mapping[int, SensitivityReport], budget: float, weighting: str = 'params'
                   ) -> Dict[str, int]:
-    """Bits per layer minimising the summed PSNR drops under an average bit budget.
+    """Bits per layer minimising the summed error increases under an average bit budget.
 
     Args:
         reports: Per bit width, a sensitivity report of the same layers at that width.
         budget: The average bits allowed (averaged over layers weighted by ``weighting``).
         weighting: ``params`` (each layer counts by its number of weights) or ``layers`` (equally).
 
-    Starts every layer at the smallest width and repeatedly gives one more step of width to the layer
-    with the largest drop reduction per unit of budget, while the budget allows.
+    Errors of separately quantized layers add up roughly in squared error (not in dB), so the sum of
+    ``error`` is minimised. Starts every layer at the smallest width and repeatedly gives one more
+    step of width to the layer with the largest error reduction per unit of budget while it fits.
     """
     if weighting not in ('params', 'layers'):
         raise ConfigError(f"weighting must be 'params' or 'layers', got {weighting!r}")
@@ -249,7 +286,7 @@ def allocate_bits(reports: Mapping[int, SensitivityReport], budget: float, weigh
             cost = (nxt - now) * size[n]
             if used + cost > budget * total + 1e-9:
                 continue
-            gain = (by_name[now][n].drop - by_name[nxt][n].drop) / cost
+            gain = (by_name[now][n].error - by_name[nxt][n].error) / cost
             if best is None or gain > best_gain:
                 best, best_gain = n, gain
         if best is None:
@@ -282,14 +319,14 @@ def average_bits(allocation: Mapping[str, int], qmodel: nn.Module, weighting: st
 
 
 def sensitivity_allocation(fp_model: nn.Module, calib, holdout_lr: Sequence[torch.Tensor], config: OAQConfig,
-                           crop_border: int, offsets: Sequence[int] = (-1, 0, 1), weighting: str = 'params',
-                           progress: bool = False) -> AllocationResult:
+                           crop_border: int, progress: bool = False) -> AllocationResult:
     """Allocate bits among the body layers from their sensitivity, and measure it against uniform bits.
 
     Both quantized models run the whole pipeline of ``config`` on ``calib``; the allocation is chosen
     and both are measured by fidelity PSNR (against the float output) on ``holdout_lr``, LR crops held
     out of the calibration data. Weight and activation bits of a layer move together; the budget is the
-    configured body width (``config.w_bits``), over the body layers.
+    configured body width (``config.w_bits``), over the body layers; the widths offered and the budget
+    weighting are ``config.analysis.allocation_offsets`` and ``allocation_weighting``.
     """
     from .run import run_pipeline
 
@@ -302,7 +339,8 @@ def sensitivity_allocation(fp_model: nn.Module, calib, holdout_lr: Sequence[torc
     uniform_psnr = mean_psnr(uniform.model, pairs, crop_border)
     body = [n for n, layer in quant_layers(uniform.model) if layer.role == 'body'
             and layer.weight_quantizer.bits == config.w_bits]
-    widths = sorted({min(MAX_BITS, max(MIN_BITS, config.w_bits + o)) for o in offsets})
+    weighting = config.analysis.allocation_weighting
+    widths = sorted({min(MAX_BITS, max(MIN_BITS, config.w_bits + o)) for o in config.analysis.allocation_offsets})
     reports = {w: layer_sensitivity(uniform.model, pairs, crop_border, reference='fp', bits=w, names=body,
                                     progress=progress) for w in widths}
     allocation = allocate_bits(reports, float(config.w_bits), weighting)

@@ -1,0 +1,169 @@
+"""The search stage: never worse than the initialization, moves the breakpoint on heavy tails, reports."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from oaq_plugin import OAQConfig, run_pipeline
+from oaq_plugin.pipeline.calibrate import calibrate
+from oaq_plugin.pipeline.layer_capture import capture_windows
+from oaq_plugin.pipeline.search import LayerProblem, fast_quantizer, minimize_scalar, search
+from oaq_plugin.quant import DualRegionQuantizer, quant_layers, set_mode
+from oaq_plugin.quant.convert import convert
+from tiny_sr import calibrated_tiny, single_thread  # noqa: F401 (autouse fixture)
+
+SMALL = {'num_samples': 4, 'window': 8, 'grid_size': 6, 'refine_rounds': 2}
+
+
+class OneConv(nn.Module):
+    """A single body conv between two float-kept ends, so the searched layer sees the raw input."""
+
+    def __init__(self, channels=6, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def heavy_tailed_batches(seed, channels=6, skew=0.0, count=2, dof=4):
+    """Student-t samples (``dof`` degrees of freedom): heavy tails, on which the 99th percentile puts the
+    breakpoint too far out for the dense region's few levels."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        normal = torch.randn(4, channels, 16, 16, generator=generator)
+        chi2 = torch.randn(4, channels, 16, 16, dof, generator=generator).pow(2).sum(-1)
+        batches.append(normal / (chi2 / dof).sqrt() + skew)
+    return batches
+
+
+def one_conv_setup(seed=0, skew=0.0, search_options=None):
+    model = OneConv(seed=seed).eval()
+    config = OAQConfig.from_dict({'layer_bits': {'conv': 4}, 'search': {**SMALL, **(search_options or {})}})
+    batches = heavy_tailed_batches(seed, skew=skew)
+    qmodel = convert(model, config, batches[0][:1])
+    calibrate(qmodel, batches, config)
+    return model, qmodel, config, batches
+
+
+def layer_errors(qmodel, config, batches):
+    """Each layer's output error on the windows the search captures (float inputs)."""
+    from oaq_plugin.pipeline.layer_capture import first_samples
+    samples = first_samples(batches, config.search.num_samples)
+    names = [n for n, _ in quant_layers(qmodel)]
+    set_mode(qmodel, 'float')
+    captured = capture_windows(qmodel, samples, names, config.search.window, config.search.seed)
+    set_mode(qmodel, 'quant')
+    layers = dict(quant_layers(qmodel))
+    with torch.no_grad():
+        return {n: LayerProblem(layers[n], captured[n], captured[n]).error() for n in names}
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 1000), skew=st.floats(-3, 3), level_split=st.booleans())
+def test_search_never_increases_the_layer_output_error(seed, skew, level_split):
+    _, qmodel, config, batches = one_conv_setup(seed, skew, {'level_split': level_split})
+    before = layer_errors(qmodel, config, batches)
+    report = search(qmodel, batches, config)
+    after = layer_errors(qmodel, config, batches)
+    for name in before:
+        assert after[name] <= before[name] * (1 + 1e-6)
+    for layer in report.layers:
+        assert layer.error_searched <= layer.error_initial
+        assert layer.error_initial == pytest.approx(before[layer.name], rel=1e-5)
+    quantizer = qmodel.conv.act_quantizer
+    assert quantizer.grid().num_codes == 2 ** quantizer.bits
+
+
+def test_heavy_tails_move_the_breakpoint_and_lower_the_error():
+    _, qmodel, config, batches = one_conv_setup(seed=3, search_options={'act_clip': False, 'weight_clip': False})
+    initial_bp = float(qmodel.conv.act_quantizer.breakpoint)
+    report = search(qmodel, batches, config)
+    layer = report.layers[0]
+    assert layer.initial['breakpoint'] == pytest.approx(initial_bp)
+    assert layer.searched['breakpoint'] == pytest.approx(float(qmodel.conv.act_quantizer.breakpoint))
+    assert abs(layer.searched['breakpoint'] - initial_bp) > 0.05 * initial_bp
+    assert layer.error_searched < 0.9 * layer.error_initial
+
+
+def test_search_disabled_keeps_the_percentile_initialization():
+    model = OneConv().eval()
+    batches = heavy_tailed_batches(0)
+    base = {'layer_bits': {'conv': 4}, 'search': {**SMALL}}
+    plain = run_pipeline(model, batches, {**base, 'search': {**SMALL, 'enabled': False}})
+    searched = run_pipeline(model, batches, base)
+    assert plain.search is None and searched.search is not None
+    reference = convert(model, OAQConfig.from_dict(base), batches[0][:1])
+    calibrate(reference, batches, OAQConfig.from_dict(base))
+    assert float(plain.model.conv.act_quantizer.breakpoint) == float(reference.conv.act_quantizer.breakpoint)
+    assert torch.equal(plain.model.conv.weight_quantizer.clip, reference.conv.weight_quantizer.clip)
+
+
+def test_report_lists_initial_and_searched_values_and_is_json():
+    _, qmodel, source, config, batches = calibrated_tiny({'search': SMALL})
+    report = search(qmodel, batches, config)
+    data = json.loads(json.dumps(report.to_dict()))
+    names = [layer['name'] for layer in data['layers']]
+    assert names == ['head', 'block1.conv1', 'block1.conv2', 'block2.conv1', 'block2.conv2', 'up']
+    for layer in data['layers']:
+        for key in ('breakpoint', 'lower', 'upper', 'weight_clip_mean'):
+            assert key in layer['initial'] and key in layer['searched']
+        assert 0.0 <= layer['error_reduction'] <= 1.0
+    assert data['relative_error_searched'] <= data['relative_error_initial']
+    assert 'search:' in report.summary()
+
+
+def test_memory_groups_do_not_change_the_result():
+    _, qmodel, _, config, batches = calibrated_tiny({'search': SMALL})
+    other = copy.deepcopy(qmodel)
+    search(qmodel, batches, config)
+    small_budget = config.replace(search=type(config.search)(**{**config.search.__dict__, 'memory_mb': 16}))
+    # A budget below one layer's capture makes one group per layer.
+    from oaq_plugin.pipeline import search as search_module
+    original = search_module.split_by_budget
+    groups_seen = []
+
+    def spy(names, sizes, budget):
+        groups = original(names, sizes, 1)
+        groups_seen.append(len(groups))
+        return groups
+    search_module.split_by_budget = spy
+    try:
+        search(other, batches, small_budget)
+    finally:
+        search_module.split_by_budget = original
+    assert groups_seen == [6]
+    for (_, a), (_, b) in zip(qmodel.named_parameters(), other.named_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sequential_search_runs_and_restores_modes():
+    _, qmodel, _, config, batches = calibrated_tiny({'search': {**SMALL, 'sequential': True}})
+    report = search(qmodel, batches, config)
+    assert report.sequential
+    assert all(layer.error_searched <= layer.error_initial for layer in report.layers)
+    assert all(layer.mode == 'quant' for _, layer in quant_layers(qmodel))
+
+
+def test_fast_quantizer_matches_the_grid_off_ties():
+    q = DualRegionQuantizer(4)
+    q.set_bounds(-30.0, 55.0)
+    q.set_breakpoint(4.0)
+    x = torch.randn(50_000) ** 3 * 5
+    fast = fast_quantizer(q.grid())(x)
+    assert float((fast == q(x)).float().mean()) > 0.999
+
+
+def test_minimize_scalar_finds_a_minimum_and_keeps_a_better_current():
+    value, error = minimize_scalar(lambda v: (v - 3.3) ** 2, 10.0, 44.89, 0.1, 10.0, 8, 4, log=True)
+    assert value == pytest.approx(3.3, rel=0.05) and error < 0.05
+    value, error = minimize_scalar(lambda v: (v - 3.3) ** 2, 3.3, 0.0, 0.1, 10.0, 8, 2)
+    assert value == 3.3 and error == 0.0
