@@ -22,7 +22,7 @@ from ..config import OAQConfig
 from ..errors import DataError
 from ..quant.activation import ActivationQuantizer
 from ..quant.convert import set_mode
-from ..quant.dual_region import DualRegionQuantizer, level_counts
+from ..quant.dual_region import DualRegionQuantizer
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.region_grid import RegionGrid
 from .layer_capture import (capture_windows, execution_order, first_samples, split_by_budget,
@@ -36,6 +36,8 @@ BREAKPOINT_MIN_RATIO = 1.0 / 128
 BOUND_MIN_RATIO = 0.05
 # Weight clips are searched between this fraction of the channel's max |W| and max |W|.
 WEIGHT_CLIP_MIN_RATIO = 0.2
+# Levels per tail tried by the level-split search, as fractions of all codes (the paper: 1/4).
+LEVEL_SPLIT_TAIL_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16)
 
 
 @dataclass
@@ -285,12 +287,13 @@ class _LayerSearcher:
                                max(observed_upper * BOUND_MIN_RATIO, lower_now), observed_upper, log=False)
 
     def search_level_split(self) -> None:
-        """Try every split of the codes between dense region and tails, each with its best breakpoint."""
+        """Try splits of the codes between dense region and tails, each with its best breakpoint."""
         q = self.quantizer
-        dense, tail = level_counts(q.bits, q.levels)
-        total = q.counts()[0] + 2 * q.counts()[1]
+        dense, tail = q.counts()
+        total = dense + 2 * tail
         best = (self.error, float(q.dense_share), float(q.breakpoint.detach()))
-        for tails in range(1, (total - 2) // 2 + 1):
+        tails_options = sorted({min(max(1, round(total * f)), (total - 2) // 2) for f in LEVEL_SPLIT_TAIL_FRACTIONS})
+        for tails in tails_options:
             share = (total - 2 * tails) / total
             q.dense_share.fill_(share)
             self.problem.forget_inputs()

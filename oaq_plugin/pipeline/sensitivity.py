@@ -231,18 +231,29 @@ def plot_sensitivity(report: SensitivityReport, path: Union[str, Path], title: s
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [layer.name for layer in report.layers]
     use_drop = all(layer.drop is not None for layer in report.layers)
-    values = [layer.drop if use_drop else _finite(layer.psnr) or 0.0 for layer in report.layers]
+    values = [layer.drop if use_drop else layer.psnr for layer in report.layers]
+    finite = [v for v in values if math.isfinite(v)]
+    # A layer whose quantization leaves the output unchanged has an infinite fidelity PSNR: drawn hatched
+    # at the top of the axis rather than left out (an empty slot would read as the most sensitive).
+    top = (max(finite) * 1.05 if finite else 1.0)
+    infinite = [not math.isfinite(v) for v in values]
+    values = [top if inf else v for v, inf in zip(values, infinite)]
     colours = {'first': 'tab:green', 'last': 'tab:red', 'upsampler': 'tab:purple', 'body': 'tab:blue'}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names) + 2), 4.2))
-    ax.bar(range(len(names)), values, color=[colours.get(layer.role, 'tab:gray') for layer in report.layers])
+    bars = ax.bar(range(len(names)), values, color=[colours.get(layer.role, 'tab:gray') for layer in report.layers])
+    for bar, inf in zip(bars, infinite):
+        if inf:
+            bar.set_hatch('//')
+            bar.set_alpha(0.4)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylabel('PSNR drop (dB)' if use_drop else 'PSNR vs float output (dB), lower = more sensitive')
+    ax.set_ylabel('PSNR drop (dB)' if use_drop else 'fidelity PSNR (dB)\nlower = more sensitive')
     bits = sorted({(layer.w_bits, layer.a_bits) for layer in report.layers})
     label = ', '.join(f'W{w}A{a}' for w, a in bits)
     reference = (f'float {report.float_psnr:.2f} dB against ground truth' if use_drop
                  else 'fidelity to the float output')
-    ax.set_title(title or f'one layer quantized ({label}), the others float; {reference}', fontsize=9)
+    ax.set_title(title or f'one layer quantized ({label}), the others float; {reference}'
+                 + ('' if not any(infinite) else '; hatched: output unchanged'), fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, list(colours), fontsize=7, loc='upper right')
     fig.tight_layout()
