@@ -184,3 +184,22 @@ def test_fast_fake_quant_matches_reference_values_and_gradients(kind, lower, wid
     scale = float(g.abs().sum()) * width * 1e-6
     for new, ref in zip(grads[1:], ref_grads[1:]):
         assert torch.allclose(new, ref, rtol=1e-4, atol=scale)
+
+
+@pytest.mark.slow
+def test_real_checkpoint_finetunes_with_block_taps(shared):
+    from oaq_plugin.archs.zoo import build_zoo_model
+    from oaq_plugin.pipeline.calibrate import calibrate
+    from oaq_plugin.quant.convert import convert
+    from tiny_sr import calibration_crops
+    model = build_zoo_model('imdn_x4', shared)
+    batch = calibration_crops(shared, count=2, size=24)
+    config = OAQConfig.from_dict({'finetune': {'enabled': True, 'epochs': 1, 'iters_per_epoch': 2, 'batch_size': 1,
+                                               'patch_size': 24, 'tap_samples': 2}})
+    qmodel = convert(model, config, batch[:1])
+    calibrate(qmodel, [batch], config)
+    before = snapshot(qmodel)
+    report = finetune(model, qmodel, PatchSource(list(batch)), config)
+    assert report.taps == [f'IMDB{i}' for i in range(1, 7)] and report.tap_kind == 'blocks'
+    assert all(torch.isfinite(torch.tensor(e.loss)) for e in report.epochs)
+    assert changed(before, snapshot(qmodel))['weight_clip']

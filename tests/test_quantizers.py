@@ -246,3 +246,30 @@ def test_zero_weight_channel_is_finite():
     q.initialize(w)
     assert torch.isfinite(q(w)).all()
     assert torch.allclose(q(w)[1], torch.zeros_like(w[1]), atol=1e-6)
+
+
+def test_dense_center_shifts_the_dense_region_and_keeps_the_code_count():
+    q = dual(4, -20.0, 100.0, 10.0)
+    q.set_center(30.0)
+    grid = q.grid()
+    assert not q.is_degenerate()
+    assert math.isclose(float(grid.low_threshold.detach()), 20.0, rel_tol=1e-6)
+    assert math.isclose(float(grid.high_threshold.detach()), 40.0, rel_tol=1e-6)
+    assert grid.num_codes == 16
+    assert math.isclose(float(grid.middle.levels().min().detach()), 20.0, rel_tol=1e-6)
+    assert math.isclose(float(grid.middle.levels().max().detach()), 40.0, rel_tol=1e-6)
+    x = torch.linspace(-20.0, 100.0, 1001)
+    assert len(torch.unique(q(x).detach())) <= 16
+    # A region that covers the whole range is the degenerate (uniform) case.
+    q.set_center(40.0)
+    q.set_breakpoint(70.0)
+    assert q.is_degenerate()
+
+
+def test_state_dicts_without_a_center_load_as_the_paper_region():
+    q = dual(4, -20.0, 100.0, 10.0)
+    state = {k: v for k, v in q.state_dict().items() if k != 'dense_center'}
+    fresh = dual(4, -20.0, 100.0, 10.0)
+    fresh.set_center(5.0)
+    fresh.load_state_dict(state)
+    assert float(fresh.dense_center) == 0.0

@@ -94,6 +94,18 @@ def test_heavy_tails_move_the_breakpoint_and_lower_the_error():
     assert layer.error_searched < 0.9 * layer.error_initial
 
 
+@pytest.mark.parametrize('skew', [2.5, -2.5])
+def test_center_search_moves_the_dense_region_on_skewed_inputs(skew):
+    _, qmodel, config, batches = one_conv_setup(seed=5, skew=skew, search_options={'center': True,
+                                                                                   'weight_clip': False})
+    before = layer_errors(qmodel, config, batches)['conv']
+    report = search(qmodel, batches, config)
+    center = float(qmodel.conv.act_quantizer.dense_center)
+    assert report.layers[0].searched['dense_center'] == pytest.approx(center)
+    assert center * skew > 0
+    assert layer_errors(qmodel, config, batches)['conv'] <= before * (1 + 1e-6)
+
+
 def test_search_disabled_keeps_the_percentile_initialization():
     model = OneConv().eval()
     batches = heavy_tailed_batches(0)
@@ -167,3 +179,24 @@ def test_minimize_scalar_finds_a_minimum_and_keeps_a_better_current():
     assert value == pytest.approx(3.3, rel=0.05) and error < 0.05
     value, error = minimize_scalar(lambda v: (v - 3.3) ** 2, 3.3, 0.0, 0.1, 10.0, 8, 2)
     assert value == 3.3 and error == 0.0
+
+
+@pytest.mark.slow
+def test_real_checkpoint_search_covers_every_layer(shared):
+    """FSRCNN x4 (its last layer is a ConvTranspose2d) and IMDN x4, on small SunHays80 crops."""
+    from oaq_plugin.archs.zoo import build_zoo_model
+    from tiny_sr import calibration_crops
+    batch = calibration_crops(shared)
+    for key in ('fsrcnn_x4', 'imdn_x4'):
+        model = build_zoo_model(key, shared)
+        config = OAQConfig.from_dict({'search': {'num_samples': 2, 'window': 12, 'grid_size': 4, 'refine_rounds': 1}})
+        qmodel = convert(model, config, batch[:1])
+        calibrate(qmodel, [batch], config)
+        report = search(qmodel, [batch], config)
+        # In execution order, which differs from the declaration order in IMDN (cca runs before c5).
+        assert sorted(layer.name for layer in report.layers) == sorted(n for n, _ in quant_layers(qmodel))
+        assert all(layer.error_searched <= layer.error_initial for layer in report.layers)
+        data = report.to_dict()
+        assert data['relative_error_searched'] < data['relative_error_initial']
+        with torch.no_grad():
+            assert torch.isfinite(qmodel(batch[:1])).all()

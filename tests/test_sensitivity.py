@@ -108,3 +108,22 @@ def test_allocation_against_uniform_end_to_end():
     assert result.average_bits <= 4.0 + 1e-9
     assert np.isfinite(result.uniform_psnr) and np.isfinite(result.allocated_psnr)
     assert json.loads(json.dumps(result.to_dict()))['budget'] == 4.0
+
+
+@pytest.mark.slow
+def test_real_checkpoint_sensitivity(shared, tmp_path):
+    from oaq_plugin.archs.zoo import build_zoo_model
+    from oaq_plugin.pipeline.calibrate import calibrate
+    from oaq_plugin.quant.convert import convert
+    from tiny_sr import calibration_crops
+    model = build_zoo_model('imdn_x4', shared)
+    batch = calibration_crops(shared, count=3, size=32)
+    config = OAQConfig.from_dict({'search': {'enabled': False}})
+    qmodel = convert(model, config, batch[:1])
+    calibrate(qmodel, [batch[:2]], config)
+    names = ['fea_conv', 'IMDB1.c1', 'LR_conv', 'upsampler.0']
+    # The held-out crop is not one of the calibration crops; the reference is the float output.
+    report = layer_sensitivity(qmodel, fidelity_pairs(model, [batch[2]]), 4, reference='fp', bits=4, names=names)
+    assert [layer.name for layer in report.layers] == names
+    assert all(layer.error > 0 for layer in report.layers)
+    assert plot_sensitivity(report, tmp_path / 'imdn.png').stat().st_size > 2000

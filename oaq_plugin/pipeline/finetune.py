@@ -9,6 +9,7 @@ standard deviation on calibration crops; ``vanilla`` mode uses ``s_k = 1/K`` ins
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ from tqdm import tqdm
 from ..config import OAQConfig
 from ..errors import NumericalError
 from ..quant.dual_region import DualRegionQuantizer
-from ..quant.layers import QuantLayer, quant_layers
+from ..quant.layers import quant_layers
 from .feature_taps import FeatureTaps, TapKey, tap_names
-from .training_fake_quant import fast_fake_quantization
 from .patches import PatchSource
+from .training_fake_quant import fast_fake_quantization
+
+logger = logging.getLogger('oaq_plugin')
 
 # The parameter groups of SAFT, trained one an epoch in this order.
 GROUPS = ('weight_clip', 'act_bounds', 'breakpoint')
@@ -276,6 +279,9 @@ def finetune(fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config
         report.taps = [name if call == 0 else f'{name}#{call}' for name, call in keys]
         report.tap_stds = stds
         report.tap_weights = weights.tolist()
+        logger.info('finetune (%s): %d %s taps, s_k = %s (std %s, temperature %g)', settings.mode, len(keys),
+                    report.tap_kind, ', '.join(f'{w:.3f}' for w in report.tap_weights),
+                    ', '.join(f'{v:.3g}' for v in stds), settings.temperature)
 
         trainer = _Trainer(fp_model, qmodel, source, config, keys, weights, fp_taps, q_taps, generator, device)
         stack.callback(trainer.release)

@@ -225,6 +225,7 @@ def _act_state(quantizer: ActivationQuantizer) -> Dict[str, Optional[float]]:
              'breakpoint': None, 'dense_share': None}
     if isinstance(quantizer, DualRegionQuantizer):
         state['breakpoint'] = float(quantizer.breakpoint.detach())
+        state['dense_center'] = float(quantizer.dense_center)
         share = float(quantizer.dense_share)
         state['dense_share'] = None if math.isnan(share) else share
         state['dense_levels'], state['tail_levels'] = quantizer.counts()
@@ -272,6 +273,11 @@ class _LayerSearcher:
         extent = self._extent()
         self._search_param(lambda: float(q.breakpoint.detach()), q.set_breakpoint,
                            extent * BREAKPOINT_MIN_RATIO, extent, log=True)
+
+    def search_center(self, low: float, high: float) -> None:
+        """The centre of the dense region, between the observed 1st and 99th percentiles."""
+        q = self.quantizer
+        self._search_param(lambda: float(q.dense_center), q.set_center, min(low, 0.0), max(high, 0.0), log=False)
 
     def search_bounds(self, observed_lower: float, observed_upper: float) -> None:
         q = self.quantizer
@@ -340,7 +346,7 @@ class _LayerSearcher:
         wq.set_clip(best_clip.reshape(shape))
         self.error = min(self.error, self.problem.error())
 
-    def run(self, observed_lower: float, observed_upper: float) -> None:
+    def run(self, observed: Dict[str, float]) -> None:
         s = self.settings
         dual = isinstance(self.quantizer, DualRegionQuantizer)
         for _ in range(max(1, s.sweeps)):
@@ -348,8 +354,12 @@ class _LayerSearcher:
                 self.search_level_split()
             elif dual and s.breakpoint:
                 self.search_breakpoint()
+            if dual and s.center:
+                self.search_center(observed['quantile_low'], observed['quantile_high'])
+                if s.breakpoint:
+                    self.search_breakpoint()
             if s.act_clip:
-                self.search_bounds(observed_lower, observed_upper)
+                self.search_bounds(observed['minimum'], observed['maximum'])
                 if dual and s.breakpoint:
                     self.search_breakpoint()
             if s.weight_clip:
@@ -422,14 +432,18 @@ def _search_layer(name: str, layer: QuantLayer, inputs: torch.Tensor, float_inpu
     layer.set_mode('quant')
     quantizer = layer.act_quantizer
     initial = _layer_state(layer)
-    observed = quantizer.observed
-    observed_lower = observed.minimum if observed is not None else initial['lower']
-    observed_upper = observed.maximum if observed is not None else initial['upper']
+    stats = quantizer.observed
+    if stats is not None:
+        observed = {'minimum': stats.minimum, 'maximum': stats.maximum, 'quantile_low': stats.quantile_low,
+                    'quantile_high': stats.quantile_high}
+    else:
+        observed = {'minimum': initial['lower'], 'maximum': initial['upper'],
+                    'quantile_low': initial['lower'], 'quantile_high': initial['upper']}
     with torch.no_grad():
         problem = LayerProblem(layer, inputs, float_inputs)
         searcher = _LayerSearcher(problem, config)
         error_initial = searcher.error
-        searcher.run(observed_lower, observed_upper)
+        searcher.run(observed)
     return LayerSearch(name=name, kind=type(layer.module).__name__, w_bits=layer.weight_quantizer.bits,
                        a_bits=quantizer.bits, initial=initial, searched=_layer_state(layer),
                        error_initial=error_initial, error_searched=searcher.error,

@@ -28,6 +28,9 @@ class DualRegionQuantizer(ActivationQuantizer):
     regions with the same total number of levels; degenerate parameters (``bp <= 0``, ``bp`` beyond
     both bounds, a collapsed range) fall back to a uniform grid over ``[lower, upper]``.
 
+    Beyond the paper, the buffer ``dense_center`` (``c``, 0 by default: the paper's region) moves the
+    dense region to ``[c - bp, c + bp]`` for skewed inputs; the search stage sets it.
+
     Args:
         bits: Activation bits b.
         levels: ``paper`` (2^b codes, an honest b-bit code) or ``pwlq`` (2^(b+1) codes: (b+1)-bit).
@@ -43,6 +46,17 @@ class DualRegionQuantizer(ActivationQuantizer):
         self.breakpoint = nn.Parameter(torch.tensor(0.5))
         # Fraction of the levels given to the middle region; None keeps the paper/pwlq split.
         self.register_buffer('dense_share', torch.tensor(float('nan')))
+        # Centre of the dense region; 0 is the paper's symmetric [-bp, bp].
+        self.register_buffer('dense_center', torch.tensor(0.0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the centre existed hold the paper's symmetric region.
+        state_dict.setdefault(prefix + 'dense_center', torch.tensor(0.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_center(self, value: float) -> None:
+        with torch.no_grad():
+            self.dense_center.fill_(float(value))
 
     def _initialize_from(self, stats: ObservedStats, sample: torch.Tensor) -> None:
         bp = stats.quantile_abs if self.breakpoint_stat == 'abs' else stats.quantile_high
@@ -64,12 +78,20 @@ class DualRegionQuantizer(ActivationQuantizer):
         return dense, tail
 
     def is_degenerate(self) -> bool:
-        lower, upper, bp = (float(t.detach()) for t in (self.lower, self.upper, self.breakpoint))
-        if not all(math.isfinite(v) for v in (lower, upper, bp)):
+        lower, upper, bp, center = (float(t.detach()) for t in (self.lower, self.upper, self.breakpoint,
+                                                                self.dense_center))
+        if not all(math.isfinite(v) for v in (lower, upper, bp, center)):
             return True
-        if bp <= 0 or upper - lower <= MIN_STEP or bp >= max(abs(lower), upper):
+        if bp <= 0 or upper - lower <= MIN_STEP:
             return True
-        return lower >= -bp and upper <= bp
+        return lower >= center - bp and upper <= center + bp
+
+    def _dense_edges(self) -> tuple:
+        """``(low, high)`` edges of the dense region, as expressions of the parameters."""
+        bp = self.breakpoint
+        if float(self.dense_center) == 0.0:
+            return -bp, bp
+        return self.dense_center - bp, self.dense_center + bp
 
     def grid(self) -> RegionGrid:
         lower, upper, bp = self.lower, self.upper, self.breakpoint
@@ -77,26 +99,29 @@ class DualRegionQuantizer(ActivationQuantizer):
         total = dense + 2 * tail
         if self.is_degenerate():
             return RegionGrid(middle=endpoint_region(lower, upper, total))
-        has_low = float(lower.detach()) < -float(bp.detach())
-        has_high = float(upper.detach()) > float(bp.detach())
+        low_edge, high_edge = self._dense_edges()
+        has_low = float(lower.detach()) < float(low_edge.detach())
+        has_high = float(upper.detach()) > float(high_edge.detach())
         if has_low and has_high:
             if self.levels == 'pwlq' and math.isnan(float(self.dense_share)):
                 step = torch.clamp(2 * bp / (2 ** self.bits - 1), min=MIN_STEP)
-                middle = Region(offset=torch.zeros_like(bp), step=step, index_min=-2 ** (self.bits - 1),
-                                index_max=2 ** (self.bits - 1) - 1)
+                middle = Region(offset=torch.zeros_like(bp) + self.dense_center, step=step,
+                                index_min=-2 ** (self.bits - 1), index_max=2 ** (self.bits - 1) - 1)
             else:
-                middle = endpoint_region(-bp, bp, dense)
-            return RegionGrid(middle=middle, low=endpoint_region(lower, -bp, tail),
-                              high=endpoint_region(bp, upper, tail), low_threshold=-bp, high_threshold=bp)
+                middle = endpoint_region(low_edge, high_edge, dense)
+            return RegionGrid(middle=middle, low=endpoint_region(lower, low_edge, tail),
+                              high=endpoint_region(high_edge, upper, tail), low_threshold=low_edge,
+                              high_threshold=high_edge)
         if has_high:
-            return RegionGrid(middle=endpoint_region(lower, bp, dense + tail),
-                              high=endpoint_region(bp, upper, tail), high_threshold=bp)
-        return RegionGrid(middle=endpoint_region(-bp, upper, dense + tail),
-                          low=endpoint_region(lower, -bp, tail), low_threshold=-bp)
+            return RegionGrid(middle=endpoint_region(lower, high_edge, dense + tail),
+                              high=endpoint_region(high_edge, upper, tail), high_threshold=high_edge)
+        return RegionGrid(middle=endpoint_region(low_edge, upper, dense + tail),
+                          low=endpoint_region(lower, low_edge, tail), low_threshold=low_edge)
 
     def describe(self) -> dict:
         info = super().describe()
-        info.update(breakpoint=float(self.breakpoint.detach()), levels=self.levels, degenerate=self.is_degenerate())
+        info.update(breakpoint=float(self.breakpoint.detach()), dense_center=float(self.dense_center),
+                    levels=self.levels, degenerate=self.is_degenerate())
         return info
 
     def extra_repr(self) -> str:
