@@ -23,7 +23,7 @@ import triton.language as tl
 
 # Adding then subtracting 1.5 * 2^23 rounds an fp32 of magnitude below 2^22 to the nearest integer,
 # ties to even, exactly as torch.round does; libdevice.rint is not available in the interpreter.
-ROUND_MAGIC = 12582912.0
+ROUND_MAGIC = tl.constexpr(12582912.0)
 DOT_PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 
 
@@ -207,12 +207,16 @@ def interpreting() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
-def default_blocks(m: int, oc_group: int, c_group: int) -> Tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K)``: tl.dot needs at least 16 on each side."""
+def default_blocks(m: int, oc_group: int, c_group: int, precision: str = 'ieee') -> Tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K)``: tl.dot needs at least 16 on each side.
+
+    BLOCK_M 128 suits the tensor-core ``tf32x3`` dot; the exact ``ieee`` dot runs on plain FMA units,
+    where 128 rows ran about 13x slower than 64 on an H100 (docs/BENCHMARKS.md, EDSR layers).
+    """
     block_n = max(16, min(64, triton.next_power_of_2(oc_group)))
     block_k = max(16, min(32, triton.next_power_of_2(c_group)))
-    block_m = 64 if interpreting() or m <= 4096 else 128
-    return block_m, block_n, block_k
+    wide = not interpreting() and m > 4096 and precision != 'ieee'
+    return (128 if wide else 64), block_n, block_k
 
 
 def _region_args(region: Optional[Tuple[float, ...]]) -> Tuple[float, ...]:
@@ -324,7 +328,7 @@ def _launch(x, sizes, x_strides, weight: PackedWeight, grid: GridParams, out_siz
     oc_group = weight.out_channels // weight.groups
     c_group = weight.in_channels_per_group
     m = n * oh * ow
-    block_m, block_n, block_k = blocks or default_blocks(m, oc_group, c_group)
+    block_m, block_n, block_k = blocks or default_blocks(m, oc_group, c_group, precision)
     if min(block_m, block_n, block_k) < 16:
         raise ValueError(f'blocks must be at least 16 on each side (tl.dot), got {(block_m, block_n, block_k)}')
     if interpreting():

@@ -33,8 +33,11 @@ CPU_CHECK_SHAPES = {
     'tiny conv 3x3 16->16': (1, 16, 5, 6, 16, 3),
     'tiny conv 3x3 16->64': (1, 16, 5, 6, 64, 3),
 }
-EDSR = dict(num_feat=64, num_block=16, size=(180, 320))
-CPU_CHECK_EDSR = dict(num_feat=16, num_block=1, size=(6, 5))
+# End-to-end networks: EDSR-baseline x4 (BasicSR's arch) and IMDN x4 (this package's), random weights.
+EDSR = dict(arch='EDSR', num_feat=64, num_block=16, size=(180, 320))
+IMDN = dict(arch='IMDN', num_feat=64, num_block=6, size=(180, 320))
+CPU_CHECK_EDSR = dict(arch='EDSR', num_feat=16, num_block=1, size=(6, 5))
+CPU_CHECK_IMDN = dict(arch='IMDN', num_feat=16, num_block=1, size=(6, 5))
 BITS = {'W8A8': (8, 8), 'W4A4': (4, 4)}
 # Block configurations tried per Triton case on the GPU: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 SWEEP = [(64, 64, 32, 4, 2), (128, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3),
@@ -52,7 +55,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--precisions', nargs='+', default=['ieee', 'tf32x3'],
                         help='tl.dot input precisions of the Triton runs (ieee, tf32x3, tf32)')
     parser.add_argument('--no-sweep', action='store_true', help='time only the default block configuration')
-    parser.add_argument('--no-e2e', action='store_true', help='skip the end-to-end EDSR x4 timing')
+    parser.add_argument('--no-e2e', action='store_true', help='skip the end-to-end EDSR x4 and IMDN x4 timings')
+    parser.add_argument('--no-layers', action='store_true', help='skip the single-layer timings')
     parser.add_argument('--sizes', action='store_true', help='measure checkpoint sizes (CPU) instead of speed')
     parser.add_argument('--checkpoint', default=None,
                         help='SRVGGNetCompact checkpoint for --sizes (default: the shared realesr-animevideov3.pth)')
@@ -179,9 +183,9 @@ def bench_layers(shapes, timer, device, precisions, sweep: bool) -> List[dict]:
                 rows.append({**common, 'backend': 'PyTorch unfused (decode + fp32 conv)', 'bits': bits_label, **stats})
                 weight, grid = TritonExecutor().prepare(layer)
                 m = n * h * w
-                default = default_blocks(m, oc, c) + (4, 2)
-                configs = [default] + ([cfg for cfg in SWEEP if cfg != default] if sweep else [])
                 for precision in precisions:
+                    default = default_blocks(m, oc, c, precision) + (4, 2)
+                    configs = [default] + ([cfg for cfg in SWEEP if cfg != default] if sweep else [])
                     best = None
                     for cfg in configs:
                         blocks, warps, stages = cfg[:3], cfg[3], cfg[4]
@@ -208,25 +212,36 @@ def bench_layers(shapes, timer, device, precisions, sweep: bool) -> List[dict]:
     return rows
 
 
-def bench_edsr(settings: dict, timer, device, precisions) -> List[dict]:
+def end_to_end_model(settings: dict):
+    """``(network, case name)`` for an end-to-end settings dict (random weights, seed 0)."""
+    import torch
+    torch.manual_seed(0)
+    h, w = settings['size']
+    if settings['arch'] == 'EDSR':
+        from oaq_plugin.compat import install_basicsr_compat
+        install_basicsr_compat()
+        from basicsr.archs.edsr_arch import EDSR as EDSRArch
+        model = EDSRArch(3, 3, num_feat=settings['num_feat'], num_block=settings['num_block'], upscale=4)
+        return model.eval(), f"EDSR x4 num_feat={settings['num_feat']} num_block={settings['num_block']} on {w}x{h}"
+    from oaq_plugin.archs import IMDN as IMDNArch
+    model = IMDNArch(num_feat=settings['num_feat'], num_block=settings['num_block'], upscale=4)
+    return model.eval(), f"IMDN x4 num_feat={settings['num_feat']} num_block={settings['num_block']} on {w}x{h}"
+
+
+def bench_network(settings: dict, timer, device, precisions) -> List[dict]:
     import copy
 
     import torch
-    from oaq_plugin.compat import install_basicsr_compat
-    install_basicsr_compat()
-    from basicsr.archs.edsr_arch import EDSR as EDSRArch
     from oaq_plugin import OAQConfig, quantize
     from oaq_plugin.backends.reference import ReferenceExecutor
     from oaq_plugin.backends.select import backend_summary, to_backend
     from oaq_plugin.quant import quant_layers
 
-    torch.manual_seed(0)
-    model = EDSRArch(3, 3, num_feat=settings['num_feat'], num_block=settings['num_block'], upscale=4).eval()
+    model, case = end_to_end_model(settings)
     model = model.to(device)
     h, w = settings['size']
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1)).to(device)
-    common = {'case': f"EDSR x4 num_feat={settings['num_feat']} num_block={settings['num_block']} "
-                      f'on {w}x{h}', 'input': [1, 3, h, w]}
+    common = {'case': case, 'input': [1, 3, h, w]}
     rows = []
     with torch.no_grad():
         for label, dtype, tf32 in (('cuDNN fp32', torch.float32, False), ('cuDNN tf32', torch.float32, True),
@@ -325,19 +340,25 @@ def run_speed(args: argparse.Namespace) -> int:
     if device == 'cuda':
         torch.backends.cudnn.benchmark = True
         timer = CudaTimer(args.warmup, args.repeats)
-        shapes, edsr, sweep = LAYER_SHAPES, EDSR, not args.no_sweep
+        shapes, networks, sweep = LAYER_SHAPES, (EDSR, IMDN), not args.no_sweep
     else:
         timer = WallTimer(0, 1)
-        shapes, edsr, sweep = CPU_CHECK_SHAPES, CPU_CHECK_EDSR, False
+        shapes, networks, sweep = CPU_CHECK_SHAPES, (CPU_CHECK_EDSR, CPU_CHECK_IMDN), False
     info = environment(device, args.command)
-    layers = bench_layers(shapes, timer, device, args.precisions, sweep)
-    end_to_end = [] if args.no_e2e else bench_edsr(edsr, timer, device, args.precisions)
+    layers = [] if args.no_layers else bench_layers(shapes, timer, device, args.precisions, sweep)
+    end_to_end = []
+    if not args.no_e2e:
+        for settings in networks:
+            try:
+                end_to_end += bench_network(settings, timer, device, args.precisions)
+            except ImportError as missing:  # EDSR needs basicsr; IMDN is this package's own arch
+                end_to_end.append({'case': f"{settings['arch']} x4", 'backend': 'all', 'error': str(missing)})
     failed = [r for r in layers + end_to_end if r.get('ok') is False]
     markdown = [f"Kernel speed on {info['device']} ({info['date']}; torch {info['torch']}, triton {info['triton']})",
                 f"Command: `python tools/{info['command']}`; medians of {timer.repeats} runs after {timer.warmup} "
                 'warm-up runs (CUDA events, L2 flushed before each run)' if device == 'cuda' else
                 'CPU check in the Triton interpreter: timings are NOT speed measurements', '']
-    markdown += speed_table(layers) + [''] + (speed_table(end_to_end) if end_to_end else [])
+    markdown += (speed_table(layers) + [''] if layers else []) + (speed_table(end_to_end) if end_to_end else [])
     if failed:
         markdown += ['', f'{len(failed)} Triton run(s) disagreed with the reference beyond the tolerance.']
     write_results(Path(args.out), 'bench_kernels', {'environment': info, 'tolerance': TOLERANCE, 'layers': layers,
