@@ -4,13 +4,14 @@
 adapters are thin layers over it and are imported only when used.
 """
 from .config import OAQConfig
-from .errors import ConfigError, DataError, NumericalError, OAQError, UnsupportedLayerError
+from .errors import ConfigError, DataError, Interrupted, NumericalError, OAQError, UnsupportedLayerError
 from .pipeline.run import PipelineResult, quantize, run_pipeline
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'ConfigError', 'DataError', 'NumericalError', 'OAQConfig', 'OAQError', 'PipelineResult', 'UnsupportedLayerError',
+    'ConfigError', 'DataError', 'Interrupted', 'NumericalError', 'OAQConfig', 'OAQError', 'PipelineResult',
+    'UnsupportedLayerError',
     'quantize', 'run_pipeline', 'register', 'load_quantized', 'to_backend',
 ]
 

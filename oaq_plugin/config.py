@@ -206,8 +206,16 @@ class OAQConfig:
         layer_bits: Overrides by layer-name pattern (fnmatch): ``{pattern: [w_bits, a_bits]}``, an int for
             both, or ``float`` to leave the layer unquantized. Later patterns win.
         exclude: Layer-name patterns never quantized.
+        quantize_attention: Also quantize both operands of the two matmuls (q·kᵀ and attn·v) of every
+            window-attention module (SwinIR's ``WindowAttention``) with the activation quantizer at ``a_bits``;
+            ``exclude`` and ``layer_bits`` patterns matching the attention module's name apply. These
+            matmuls always run as fake quantization (the integer kernels cover Conv2d/Linear only).
         kernel: Backend at validation: ``auto`` (triton on CUDA, reference otherwise), ``triton``,
             ``reference`` or ``fake``.
+        resume: Continue an interrupted run from its saved state (as BasicSR's ``--auto_resume`` does).
+            A run stopped by SIGINT/SIGTERM saves its state at the next safe point; the resumed run ends
+            with the parameters an uninterrupted one would have, and is refused if the options (other than
+            ``kernel``, ``tile``, ``analysis``), the weights or the calibration data changed.
     """
 
     w_bits: int = field(default=4, metadata=_range(MIN_BITS, MAX_BITS))
@@ -220,7 +228,9 @@ class OAQConfig:
     end_bits: int = field(default=8, metadata=_range(MIN_BITS, MAX_BITS))
     layer_bits: Dict[str, Any] = field(default_factory=dict)
     exclude: List[str] = field(default_factory=list)
+    quantize_attention: bool = False
     kernel: str = field(default='auto', metadata=_choice(*KERNELS))
+    resume: bool = False
     calib: CalibConfig = field(default_factory=CalibConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

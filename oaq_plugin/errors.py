@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import os
+import signal
+from typing import Iterable, Union
 
 
 class OAQError(Exception):
@@ -23,6 +25,33 @@ class NumericalError(OAQError):
 
 class UnsupportedLayerError(OAQError):
     """A layer the requested backend or conversion cannot handle."""
+
+
+class Interrupted(OAQError):
+    """The run stopped on SIGINT/SIGTERM at a safe point, after saving its state to ``state_path``.
+
+    Args:
+        state_path: The file a rerun resumes from.
+        signum: The signal that asked for the stop; the exit code of a CLI is ``128 + signum``.
+    """
+
+    def __init__(self, state_path: Union[str, os.PathLike], signum: int) -> None:
+        self.state_path = str(state_path)
+        self.signum = int(signum)
+        super().__init__(f'interrupted by {signal_name(self.signum)}; state saved to {self.state_path}; run again '
+                         'with resume on (run_pipeline resume=True, oaq.resume: true or --auto_resume) to continue')
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def signal_name(signum: int) -> str:
+    """``SIGINT`` for 2, and so on; the number for a signal without a name here."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f'signal {signum}'
 
 
 def closest(name: str, candidates: Iterable[str]) -> str:

@@ -1,7 +1,9 @@
 """``python -m oaq_plugin.test -opt X.yml``: BasicSR's test entry point with the plugin registered.
 
 The current directory is BasicSR's root: results go to ``./results/<name>``. Errors the user can fix
-are printed as one line (exit code 2); ``--debug`` shows the full traceback.
+are printed as one line (exit code 2); ``--debug`` shows the full traceback. SIGINT/SIGTERM during
+calibration, search or finetuning save the state to ``./experiments/<name>/oaq_resume_state.pth``
+(exit code 130/143); ``--auto_resume`` or ``oaq.resume: true`` continues from it.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 from typing import List, Optional
 
 from .compat import install_basicsr_compat
-from .errors import OAQError
+from .errors import Interrupted, OAQError
 
 
 def _launcher(argv: List[str]) -> str:
@@ -50,6 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             _start_cpu_process_group()
         from basicsr.test import test_pipeline
         test_pipeline(os.getcwd())
+    except Interrupted as stop:
+        print(f'oaq_plugin: interrupted; state saved to {stop.state_path}; rerun with --auto_resume '
+              '(or oaq.resume: true) to continue', file=sys.stderr)
+        return stop.exit_code
     except (OAQError, FileNotFoundError) as error:
         if debug:
             raise

@@ -68,6 +68,8 @@ def test_config_defaults_and_round_trip():
     ({'levels': 'pwql'}, "did you mean 'pwlq'"),
     ({'w_bits': '4'}, 'expected an integer'),
     ({'finetune': {'enabled': 'yes'}}, 'expected true or false'),
+    ({'quantize_attention': 'yes'}, 'expected true or false'),
+    ({'quantize_atention': True}, "did you mean 'quantize_attention'"),
     ({'calib': [1, 2]}, 'expected a mapping'),
     ({'layer_bits': {'head.*': 12}}, 'bits must be integers'),
     ({'layer_bits': {'head.*': 'half'}}, "expected bits"),

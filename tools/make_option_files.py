@@ -93,7 +93,7 @@ def main_files() -> Dict[str, Dict[str, Any]]:
              'depths': [6] * 6, 'embed_dim': 180, 'num_heads': [6] * 6, 'mlp_ratio': 2,
              'upsampler': 'pixelshuffle', 'resi_connection': '1conv'},
             'experiments/pretrained_models/001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth', 'params',
-            oaq_section(div2k, calib={'num_images': 100, 'patch_size': 64})),
+            oaq_section(div2k, calib={'num_images': 100, 'patch_size': 64}, quantize_attention=True)),
         'oaq_srvgg_x4.yml': document(
             'OAQ_SRVGGNetCompact_x4_W4A4', 'OAQModel', 4, shared_sets(4),
             dict(ZOO['srvgg_x4'].network_options()), f"{SHARED}/{ZOO['srvgg_x4'].weight_path}", 'params',

@@ -7,6 +7,7 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedLayerError, closest
+from ..quant.attention import quant_matmuls
 from ..quant.layers import quant_layers
 from .reference import ReferenceExecutor
 from .triton_backend import TritonExecutor, triton_available, unsupported_reason
@@ -34,6 +35,8 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
 def to_backend(qmodel: nn.Module, backend: str = 'auto', precision: str = 'ieee',
                blocks: Optional[Tuple[int, int, int]] = None) -> nn.Module:
     """Set how every quantized layer of ``qmodel`` runs in ``quant`` mode, in place.
+
+    Quantized attention matmuls (``quantize_attention``) are not replaced: they stay fake quantization.
 
     Args:
         qmodel: A quantized model (from :func:`oaq_plugin.quantize`).
@@ -68,5 +71,7 @@ def to_backend(qmodel: nn.Module, backend: str = 'auto', precision: str = 'ieee'
 
 
 def backend_summary(qmodel: nn.Module) -> Dict[str, str]:
-    """``{layer name: backend}`` of every quantized layer, for reports."""
-    return {layer.layer_name or name: layer.executor_name for name, layer in quant_layers(qmodel)}
+    """``{layer name: backend}`` of every quantized layer and attention matmul (always ``fake``), for reports."""
+    summary = {layer.layer_name or name: layer.executor_name for name, layer in quant_layers(qmodel)}
+    summary.update({name: matmul.executor_name for name, matmul in quant_matmuls(qmodel)})
+    return summary

@@ -2,10 +2,13 @@
 
 Configured by the option file's ``oaq:`` section (= :class:`~oaq_plugin.config.OAQConfig`). Everything
 it writes goes under BasicSR's ``results/<name>/``: ``oaq_report.json``, ``quantized.pth``, the
-activation-histogram PNG and FP-vs-quantized crops.
+activation-histogram PNG and FP-vs-quantized crops. The state of an interrupted run goes to
+``experiments/<name>/oaq_resume_state.pth`` instead, since BasicSR archives ``results/<name>`` when a
+test run starts.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import OrderedDict
@@ -25,9 +28,24 @@ from ..pipeline.export import float_size_bytes, quantized_size_bytes, save_quant
 from ..pipeline.figures import activation_histograms, side_by_side_crop
 from ..pipeline.inference import run_tiled
 from ..pipeline.report import RunReport
+from ..pipeline.resume import STATE_FILE_NAME
 from ..pipeline.run import run_pipeline
 from .calibration_data import calibration_source
 from .metrics import calculate_delta_e
+
+
+def resume_state_path(opt: dict) -> Path:
+    """Where a run of option file ``opt`` keeps its resume state: ``<root>/experiments/<name>/``.
+
+    Not under ``results/<name>``: BasicSR renames that folder (``_archived_<time>``) when a test run
+    starts, so a rerun would not find it. A training run keeps it in its ``training_states`` folder,
+    which BasicSR's own ``--auto_resume`` keeps too.
+    """
+    paths = opt['path']
+    if paths.get('results_root'):
+        root = Path(paths['results_root']).parent.parent
+        return root / 'experiments' / opt['name'] / STATE_FILE_NAME
+    return Path(paths.get('training_states') or paths.get('experiments_root') or '.') / STATE_FILE_NAME
 
 
 def _distributed() -> tuple:
@@ -97,13 +115,36 @@ class OAQModel(SRModel):
         self.logger.info(f'OAQ: calibrating {type(self.fp_net).__name__} on {len(self.calib_source)} images '
                          f'({len(batches)} batches of {c.batch_size}x{c.patch_size}^2 patches), W{config.w_bits}'
                          f'A{config.a_bits} {config.act_quantizer}/{config.levels}, protocol {config.protocol}')
+        state_path, resume = self._resume_options()
         self.result = run_pipeline(
             self.fp_net, [batch.to(self.device) for batch in batches], config, progress=self.rank == 0,
-            calib_shard=(self.rank, self.world_size), finetune_source=self.calib_source)
+            calib_shard=(self.rank, self.world_size), finetune_source=self.calib_source,
+            state_path=state_path, resume=resume)
+        if state_path is not None:
+            # The folder held only the state; leave nothing behind once the run is complete.
+            with contextlib.suppress(OSError):
+                state_path.parent.rmdir()
         self.quant_net = self.result.model.to(self.device).eval()
         self.backend = self._select_backend(config.kernel)
         if self.rank == 0:
             self._write_artifacts()
+
+    def _resume_options(self) -> tuple:
+        """``(state path, resume)`` for ``run_pipeline``: interruptible in single-process runs."""
+        resume = self.oaq_config.resume or bool(self.opt.get('auto_resume'))
+        if self.world_size > 1:
+            if resume:
+                self.logger.warning('OAQ: resuming works in single-process runs only; starting from the beginning')
+            return None, False
+        path = resume_state_path(self.opt)
+        if resume and path.is_file():
+            self.logger.info(f'OAQ: resuming from {path}')
+        elif resume:
+            self.logger.info(f'OAQ: no saved state at {path}; starting from the beginning')
+        elif path.is_file():
+            self.logger.warning(f'OAQ: {path} holds the state of an interrupted run; starting afresh instead '
+                                '(--auto_resume or oaq.resume: true continues it)')
+        return path, resume
 
     def _select_backend(self, kernel: str) -> Dict[str, str]:
         from ..backends.select import backend_summary, to_backend

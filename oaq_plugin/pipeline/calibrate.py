@@ -1,7 +1,7 @@
 """Calibration: one float forward pass over the calibration batches initializes every quantizer."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from ..config import OAQConfig
 from ..errors import DataError
+from ..quant.attention import matmul_quantizers, quant_matmuls
 from ..quant.convert import set_mode
 from ..quant.layers import quant_layers
 
@@ -21,17 +22,26 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor], config: OAQConfig,
-              indices: Optional[Sequence[int]] = None, progress: bool = False) -> int:
+              indices: Optional[Sequence[int]] = None, progress: bool = False,
+              safe_point: Optional[Callable[[Callable[[], dict]], None]] = None) -> int:
     """Observe every quantized layer's input on ``batches`` and initialize the quantizers.
+
+    The operands of quantized attention matmuls are observed and initialized in the same pass.
 
     Under ``torch.distributed`` each process passes its share of the batches with their global
     ``indices``; the per-batch statistics are gathered so every process ends with the parameters a
     single process would compute from all batches.
 
+    ``safe_point``, when given, is called after each batch with a function returning
+    ``{'batches_observed': n}`` (batches of this call); it may save the state and stop the run by raising.
+    A resumed calibration restores the observers' records and passes the remaining batches with their
+    ``indices``.
+
     Returns:
         The number of batches this process observed.
     """
     layers = quant_layers(qmodel)
+    matmuls = quant_matmuls(qmodel)
     set_mode(qmodel, 'observe')
     device = model_device(qmodel)
     count = 0
@@ -39,30 +49,35 @@ def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor], config: OAQCon
         for position, batch in enumerate(tqdm(batches, desc='calibrate', unit='batch', disable=not progress,
                                               leave=False)):
             index = indices[position] if indices is not None else position
-            for _, layer in layers:
+            for _, layer in layers + matmuls:
                 layer.batch_index = index
             qmodel(batch.to(device))
             count += 1
+            if safe_point is not None:
+                safe_point(lambda: {'batches_observed': count})
     finally:
         set_mode(qmodel, 'quant')
-    _merge_across_processes(layers)
-    if not any(layer.act_quantizer.observer.num_batches for _, layer in layers):
+    quantizers = [(f"layer '{name}'", layer.act_quantizer) for name, layer in layers]
+    quantizers += [(f"matmul operand '{name}'", quantizer) for name, _, quantizer in matmul_quantizers(qmodel)]
+    _merge_across_processes(quantizers)
+    if not any(quantizer.observer.num_batches for _, quantizer in quantizers):
         raise DataError('calibration saw no batch: the calibration data is empty')
-    for name, layer in layers:
-        if layer.act_quantizer.observer.num_batches == 0:
-            raise DataError(f"layer '{name}' saw no calibration input; it does not run on these inputs")
-        layer.act_quantizer.initialize(config.calib.ema_beta)
+    for what, quantizer in quantizers:
+        if quantizer.observer.num_batches == 0:
+            raise DataError(f'{what} saw no calibration input; it does not run on these inputs')
+        quantizer.initialize(config.calib.ema_beta)
     return count
 
 
-def _merge_across_processes(layers) -> None:
+def _merge_across_processes(quantizers) -> None:
+    """Merge the observers of ``(name, quantizer)`` pairs across processes, in place."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     world = torch.distributed.get_world_size()
     if world == 1:
         return
-    local = {name: layer.act_quantizer.observer.state_dict() for name, layer in layers}
+    local = {name: quantizer.observer.state_dict() for name, quantizer in quantizers}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, local)
-    for name, layer in layers:
-        layer.act_quantizer.observer.merge(states[name] for states in gathered)
+    for name, quantizer in quantizers:
+        quantizer.observer.merge(states[name] for states in gathered)

@@ -2,8 +2,9 @@
 
 A file holds plain data only (tensors, numbers, strings, lists, dicts), so it loads with
 ``torch.load(weights_only=True)``: the packed weight codes of every quantized layer with the state of its
-quantizers and its bias, the layer plans, the config, the float tensors of the rest of the model, an
-optional architecture description, and a sha256 digest of all of it that is checked on load.
+quantizers and its bias, the layer plans, the config, the float tensors of the rest of the model (the
+operand quantizers of attention matmuls included), an optional architecture description, and a sha256
+digest of all of it that is checked on load.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..config import OAQConfig
 from ..errors import DataError, OAQError
+from ..quant.attention import matmul_quantizers
 from ..quant.convert import LayerPlan, convert
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.region_grid import MIN_STEP
@@ -149,6 +151,16 @@ def _layer_entry(layer: QuantLayer) -> Dict[str, Any]:
     }
 
 
+def _matmul_entries(qmodel: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """Plain numbers of every attention-matmul operand grid, for readers that run without this package.
+
+    The quantizers' state itself is part of ``float_state`` (it is not under a quantized layer).
+    """
+    return {name: {'a_bits': quantizer.bits, 'act_grid': quantizer.grid().describe(),
+                   'act_quantizer': quantizer.describe()}
+            for name, _, quantizer in matmul_quantizers(qmodel)}
+
+
 def _quantized_prefixes(qmodel: nn.Module) -> Dict[str, QuantLayer]:
     return dict(quant_layers(qmodel))
 
@@ -184,10 +196,15 @@ def save_quantized(qmodel: nn.Module, path: PathLike, config: OAQConfig, arch: O
         'arch': plain_data(arch) if arch is not None else None,
         'plans': [plan.to_dict() for plan in plans],
         'layers': {name: _layer_entry(layer) for name, layer in layers.items()},
+        'matmuls': _matmul_entries(qmodel),
         'float_state': _float_state(qmodel, layers),
     }
     payload['sha256'] = payload_digest(payload)
+    return save_atomically(payload, path)
 
+
+def save_atomically(payload: Mapping[str, Any], path: PathLike) -> Path:
+    """``torch.save`` of ``payload`` to ``path`` (its folder created when missing), never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A reader never sees a half-written file: write beside the target, then rename over it.
@@ -260,7 +277,8 @@ def load_quantized(path: PathLike, model: Optional[nn.Module] = None,
 
     Returns:
         The quantized model (fake-quant backend; see ``to_backend``). Its outputs equal the saved model's
-        bit for bit on every backend; its float weights are the dequantized ones.
+        bit for bit on every backend; its float weights are the dequantized ones. Attention matmuls
+        (``quantize_attention`` in the stored config) are wrapped again and get their stored quantizers.
     """
     payload = read_quantized(path)
     config = OAQConfig.from_dict(payload['config'])
@@ -281,6 +299,12 @@ def load_quantized(path: PathLike, model: Optional[nn.Module] = None,
         raise DataError(f'{path} does not fit this network: quantized layers differ '
                         f'(only in the file: {sorted(set(entries) - set(layers))}, '
                         f'only in the network: {sorted(set(layers) - set(entries))})')
+    stored_matmuls = set(payload.get('matmuls', {}))
+    built_matmuls = {name for name, _, _ in matmul_quantizers(qmodel)}
+    if stored_matmuls != built_matmuls:
+        raise DataError(f'{path} does not fit this network: quantized attention matmuls differ '
+                        f'(only in the file: {sorted(stored_matmuls - built_matmuls)}, '
+                        f'only in the network: {sorted(built_matmuls - stored_matmuls)})')
     state = dict(payload['float_state'])
     for name, entry in entries.items():
         layer = layers[name]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..config import OAQConfig
 from ..errors import NumericalError
+from ..quant.attention import matmul_quantizers
 from ..quant.dual_region import DualRegionQuantizer
 from ..quant.layers import quant_layers
 from .feature_taps import FeatureTaps, TapKey, tap_names
@@ -71,6 +72,14 @@ class FinetuneReport:
             'seconds': self.seconds, 'seconds_per_iteration': self.seconds_per_iteration,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> 'FinetuneReport':
+        """The report of :meth:`to_dict`."""
+        return cls(mode=data['mode'], tap_kind=data['tap_kind'], taps=list(data['taps']),
+                   tap_weights=list(data['tap_weights']), tap_stds=list(data['tap_stds']),
+                   epochs=[EpochRecord(**record) for record in data['epochs']], iterations=data['iterations'],
+                   seconds=data['seconds'], seconds_per_iteration=data['seconds_per_iteration'])
+
     def summary(self) -> str:
         lines = [f"{'epoch':>5s} {'group':12s} {'lr':>9s} {'loss':>10s} {'L_rec':>9s} {'L_sen':>9s} {'s':>6s}"]
         for e in self.epochs:
@@ -99,6 +108,11 @@ def parameter_groups(qmodel: nn.Module) -> Dict[str, List[Tuple[str, nn.Paramete
         groups['act_bounds'].append((f'{name}.act_quantizer.upper', quantizer.upper))
         if isinstance(quantizer, DualRegionQuantizer):
             groups['breakpoint'].append((f'{name}.act_quantizer.breakpoint', quantizer.breakpoint))
+    # Operands of quantized attention matmuls train with the activation groups.
+    for name, _, quantizer in matmul_quantizers(qmodel):
+        groups['act_bounds'] += [(f'{name}.lower', quantizer.lower), (f'{name}.upper', quantizer.upper)]
+        if isinstance(quantizer, DualRegionQuantizer):
+            groups['breakpoint'].append((f'{name}.breakpoint', quantizer.breakpoint))
     return {g: params for g, params in groups.items() if params}
 
 
@@ -200,7 +214,22 @@ class _Trainer:
         sen = sensitivity_loss(self.fp_taps.features, self.q_taps.features, self.keys, self.weights)
         return s.sen_weight * sen + s.rec_weight * rec, rec, sen
 
-    def epoch(self, epoch: int, bar: tqdm) -> EpochRecord:
+    def state(self, epoch: int, iteration: int, sums: Sequence[float], seconds: float) -> dict:
+        """Everything the loop needs to go on from ``iteration`` of ``epoch`` exactly as it would have."""
+        return {'epoch': epoch, 'iteration': iteration, 'sums': list(sums), 'epoch_seconds': seconds,
+                'lr': dict(self.lr), 'optimizer': self.optimizer.state_dict(), 'generator': self.generator.get_state()}
+
+    def load_state(self, state: dict) -> None:
+        """Restore a :meth:`state` (the quantizer parameters themselves are restored with the model)."""
+        self.lr = dict(state['lr'])
+        # Also restores each parameter's learning-rate scale, which ``relative`` mode measured at the start.
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.generator.set_state(state['generator'])
+
+    def epoch(self, epoch: int, bar: tqdm, safe_point: Optional[Callable[[Callable[[], dict]], None]] = None,
+              resume: Optional[dict] = None) -> EpochRecord:
+        """Train the epoch's group; ``safe_point`` is offered the loop state before every iteration, and
+        ``resume`` (such a state) continues an interrupted epoch."""
         s = self.settings
         active = self.order[epoch % len(self.order)]
         for group in self.order:
@@ -211,8 +240,12 @@ class _Trainer:
             if param_group['name'] == active:
                 param_group['lr'] = lr * param_group['scale']
         start = time.perf_counter()
-        sums = [0.0, 0.0, 0.0]
-        for iteration in range(s.iters_per_epoch):
+        first, sums, before = 0, [0.0, 0.0, 0.0], 0.0
+        if resume is not None:
+            first, sums, before = resume['iteration'], list(resume['sums']), resume['epoch_seconds']
+        for iteration in range(first, s.iters_per_epoch):
+            if safe_point is not None:
+                safe_point(lambda: self.state(epoch, iteration, sums, before + time.perf_counter() - start))
             batch = self.source.batch(s.batch_size, s.patch_size, self.generator, augment=True).to(self.device)
             loss, rec, sen = self.step(batch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -229,7 +262,7 @@ class _Trainer:
         self.lr[active] = lr * s.lr_decay
         count = s.iters_per_epoch
         return EpochRecord(epoch=epoch, group=active, lr=lr, loss=sums[0] / count, rec_loss=sums[1] / count,
-                           sen_loss=sums[2] / count, seconds=time.perf_counter() - start)
+                           sen_loss=sums[2] / count, seconds=before + time.perf_counter() - start)
 
     def release(self) -> None:
         for params in self.groups.values():
@@ -238,7 +271,8 @@ class _Trainer:
 
 
 def finetune(fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config: OAQConfig,
-             progress: bool = False, epoch_callback: Optional[Callable[[EpochRecord], None]] = None
+             progress: bool = False, epoch_callback: Optional[Callable[[EpochRecord], None]] = None,
+             safe_point: Optional[Callable[[Callable[[], dict]], None]] = None, resume: Optional[dict] = None
              ) -> FinetuneReport:
     """Finetune the quantizer parameters of ``qmodel`` in place, with ``fp_model`` as teacher.
 
@@ -249,6 +283,12 @@ def finetune(fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config
         config: The method's configuration (``config.finetune``).
         progress: Show a progress bar with the running loss.
         epoch_callback: Called after every epoch with its record (for logging; it must not select).
+        safe_point: Called before every iteration with a function returning the loop's state (epoch,
+            iteration, optimizer, learning rates, generator, epochs so far); it may save the state with the
+            model's and stop the run by raising.
+        resume: Such a state, with ``qmodel`` already holding the parameters saved beside it: training goes
+            on from there to the parameters an uninterrupted run reaches (the tap weights are measured
+            again, from the same crops).
 
     Returns:
         A :class:`FinetuneReport`; the model after the last epoch is the result (nothing is selected).
@@ -285,16 +325,27 @@ def finetune(fp_model: nn.Module, qmodel: nn.Module, source: PatchSource, config
 
         trainer = _Trainer(fp_model, qmodel, source, config, keys, weights, fp_taps, q_taps, generator, device)
         stack.callback(trainer.release)
+        first_epoch, done, previous_seconds = 0, 0, 0.0
+        if resume is not None:
+            trainer.load_state(resume)
+            report.epochs = [EpochRecord(**record) for record in resume['epochs']]
+            first_epoch, previous_seconds = resume['epoch'], resume['seconds']
+            done = first_epoch * settings.iters_per_epoch + resume['iteration']
+
+        def point(loop_state: Callable[[], dict]) -> None:
+            safe_point(lambda: {**loop_state(), 'epochs': [e.to_dict() for e in report.epochs],
+                                'seconds': previous_seconds + time.perf_counter() - start_time})
         if settings.fast_fake_quant:
             stack.enter_context(fast_fake_quantization(qmodel))
-        bar = stack.enter_context(tqdm(total=settings.epochs * settings.iters_per_epoch,
+        bar = stack.enter_context(tqdm(total=settings.epochs * settings.iters_per_epoch, initial=done,
                                        desc=f'finetune ({settings.mode})', unit='it', disable=not progress,
                                        leave=False))
-        for epoch in range(settings.epochs):
-            report.epochs.append(trainer.epoch(epoch, bar))
+        for epoch in range(first_epoch, settings.epochs):
+            report.epochs.append(trainer.epoch(epoch, bar, point if safe_point is not None else None,
+                                               resume if epoch == first_epoch else None))
             if epoch_callback is not None:
                 epoch_callback(report.epochs[-1])
     report.iterations = settings.epochs * settings.iters_per_epoch
-    report.seconds = time.perf_counter() - start_time
+    report.seconds = previous_seconds + time.perf_counter() - start_time
     report.seconds_per_iteration = sum(e.seconds for e in report.epochs) / max(report.iterations, 1)
     return report

@@ -12,33 +12,47 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..quant.attention import matmul_quantizers
 from ..quant.dual_region import DualRegionQuantizer
 from ..quant.layers import quant_layers
 from .run import PipelineResult
 
 
+def _activation_fields(act) -> Dict[str, Any]:
+    sample = act.observer.sample() if act.observer is not None else torch.empty(0)
+    return {
+        'a_bits': act.bits,
+        'quantizer': type(act).__name__,
+        'lower': float(act.lower.detach()),
+        'upper': float(act.upper.detach()),
+        'breakpoint': float(act.breakpoint.detach()) if isinstance(act, DualRegionQuantizer) else None,
+        'outlier_fraction': act.outlier_fraction(sample) if sample.numel() else None,
+        'mean_std': act.observed.mean_std if act.observed is not None else None,
+    }
+
+
 def layer_rows(qmodel: nn.Module) -> List[Dict[str, Any]]:
-    """One row per quantized layer: bits, activation range, breakpoint, weight clip, outlier fraction."""
+    """One row per quantized layer: bits, activation range, breakpoint, weight clip, outlier fraction.
+
+    Then one row per operand of a quantized attention matmul (``kind: matmul``, named e.g.
+    ``...attn.matmul_qk.q``), with no weight; those always run as fake quantization.
+    """
     rows = []
     for name, layer in quant_layers(qmodel):
-        act = layer.act_quantizer
-        sample = act.observer.sample() if act.observer is not None else torch.empty(0)
         clip = layer.weight_quantizer.clip.detach().reshape(-1)
         rows.append({
             'name': name,
+            'kind': type(layer.module).__name__,
             'role': layer.role,
             'w_bits': layer.weight_quantizer.bits,
-            'a_bits': act.bits,
-            'quantizer': type(act).__name__,
-            'lower': float(act.lower.detach()),
-            'upper': float(act.upper.detach()),
-            'breakpoint': float(act.breakpoint.detach()) if isinstance(act, DualRegionQuantizer) else None,
+            **_activation_fields(layer.act_quantizer),
             'w_clip': float(clip.mean()) if clip.numel() > 1 else float(clip),
             'w_clip_max': float(clip.max()),
-            'outlier_fraction': act.outlier_fraction(sample) if sample.numel() else None,
-            'mean_std': act.observed.mean_std if act.observed is not None else None,
             'backend': layer.executor_name,
         })
+    for name, matmul, act in matmul_quantizers(qmodel):
+        rows.append({'name': name, 'kind': 'matmul', 'role': matmul.role, 'w_bits': None, **_activation_fields(act),
+                     'w_clip': None, 'w_clip_max': None, 'backend': matmul.executor_name})
     return rows
 
 

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ..config import OAQConfig
-from ..errors import DataError
+from ..errors import DataError, OAQError
 from ..quant.convert import LayerPlan, convert
 from .calibrate import calibrate, model_device
 from .patches import PatchSource
+from .resume import STAGES, PathLike, PipelineCheckpoint, SafePoint, StopRequest, restore_quantizer_state
 
 CalibrationData = Union[PatchSource, Iterable[torch.Tensor]]
 
@@ -49,7 +50,8 @@ def calibration_batches(calib: CalibrationData, config: OAQConfig) -> tuple:
 def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConfig, dict, None] = None,
                  progress: bool = False, example_input: Optional[torch.Tensor] = None,
                  calib_shard: Optional[Tuple[int, int]] = None,
-                 finetune_source: Optional[PatchSource] = None) -> PipelineResult:
+                 finetune_source: Optional[PatchSource] = None, state_path: Optional[PathLike] = None,
+                 resume: bool = False, stop: Optional[StopRequest] = None) -> PipelineResult:
     """Quantize a copy of ``model`` and return it with the per-stage reports.
 
     Args:
@@ -62,38 +64,131 @@ def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConf
             ``rank, rank + world_size, ...`` and the statistics are merged across processes; the search
             and finetuning then run on the same data in every process, so all end with the same model.
         finetune_source: Pool finetuning crops from (default: the calibration data).
+        state_path: Makes the run interruptible (single process only): while it runs, SIGINT/SIGTERM (or
+            ``stop``) stop it at the next safe point (between calibration batches, search layers,
+            finetuning iterations) after saving its state to this file, and :class:`Interrupted` is raised.
+            The file is deleted when the run completes.
+        resume: Continue from the state at ``state_path`` when there is one: the result is identical to
+            an uninterrupted run's. A state saved with other options (other than ``kernel``, ``tile``,
+            ``analysis``), other float weights or other calibration batches is refused.
+        stop: A :class:`StopRequest` to stop the run from code (with ``state_path``).
     """
     config = OAQConfig.coerce(config)
     batches, source = calibration_batches(calib, config)
     source = finetune_source or source
     device = model_device(model)
     example = example_input if example_input is not None else batches[0][:1].to(device)
-    timings: Dict[str, float] = {}
+    if state_path is None:
+        if stop is not None or resume:
+            raise OAQError('run_pipeline: stop= and resume= need a state_path= to save the state to')
+        return _Run(model, batches, source, config, progress, calib_shard, None).run(example)
+    if calib_shard is not None and calib_shard[1] > 1:
+        raise OAQError('run_pipeline: interrupt and resume (state_path=) work in single-process runs only')
+    checkpoint = PipelineCheckpoint(state_path, config, model, batches, stop)
+    with checkpoint.signals():
+        run = _Run(model, batches, source, config, progress, calib_shard, checkpoint)
+        result = run.run(example, checkpoint.load() if resume else None)
+        # A stop asked for after the last safe point: the work is done, save it rather than lose it.
+        run.safe_point('done')(lambda: {})
+    checkpoint.discard()
+    return result
 
-    start = time.perf_counter()
-    qmodel = convert(model, config, example)
-    rank, world = calib_shard or (0, 1)
-    mine = list(range(rank, len(batches), world))
-    calibrate(qmodel, [batches[i] for i in mine], config, indices=mine, progress=progress)
-    timings['calibrate_s'] = time.perf_counter() - start
 
-    search_report = None
-    start = time.perf_counter()
-    if config.search.enabled:
-        from .search import search
-        search_report = search(qmodel, batches, config, progress=progress)
-    timings['search_s'] = time.perf_counter() - start
+class _Run:
+    """The stages of one pipeline run, resumable from a saved state at their safe points."""
 
-    finetune_report = None
-    start = time.perf_counter()
-    if config.finetune.enabled:
-        from .finetune import finetune
-        finetune_report = finetune(model, qmodel, source, config, progress=progress)
-    timings['finetune_s'] = time.perf_counter() - start
+    def __init__(self, model: nn.Module, batches: List[torch.Tensor], source: PatchSource, config: OAQConfig,
+                 progress: bool, calib_shard: Optional[Tuple[int, int]],
+                 checkpoint: Optional[PipelineCheckpoint]) -> None:
+        self.model, self.batches, self.source, self.config = model, batches, source, config
+        self.progress, self.calib_shard, self.checkpoint = progress, calib_shard, checkpoint
+        self.timings: Dict[str, float] = {}
+        self.search_report = None
+        self.finetune_report = None
+        self.qmodel: Optional[nn.Module] = None
+        self.stage_start = time.perf_counter()
 
-    qmodel.eval()
-    return PipelineResult(model=qmodel, config=config, plans=list(qmodel.oaq_plans), timings=timings,
-                          search=search_report, finetune=finetune_report)
+    def safe_point(self, stage: str) -> Optional[SafePoint]:
+        """The callback a stage calls at its safe points (``None`` when the run is not interruptible)."""
+        if self.checkpoint is None:
+            return None
+
+        def context() -> Dict[str, Any]:
+            timings = dict(self.timings)
+            if stage != 'done':
+                key = f'{stage}_s'
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - self.stage_start
+            return {'timings': timings,
+                    'search': self.search_report.to_dict() if self.search_report is not None else None,
+                    'finetune': self.finetune_report.to_dict() if self.finetune_report is not None else None}
+        return lambda progress: self.checkpoint.check(self.qmodel, stage, progress, context)
+
+    def _stage(self, name: str, saved: Optional[Dict[str, Any]]) -> Optional[dict]:
+        """Start timing stage ``name``; ``None`` when ``saved`` is past it, else its saved progress (or {})."""
+        self.stage_start = time.perf_counter()
+        if saved is None:
+            return {}
+        at = STAGES.index(saved['stage'])
+        if STAGES.index(name) < at:
+            return None
+        return saved['progress'] if STAGES.index(name) == at else {}
+
+    def _finish(self, name: str) -> None:
+        key = f'{name}_s'
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - self.stage_start
+
+    def run(self, example: torch.Tensor, saved: Optional[Dict[str, Any]] = None) -> PipelineResult:
+        config, batches = self.config, self.batches
+        start = time.perf_counter()
+        self.qmodel = qmodel = convert(self.model, config, example)
+        if saved is not None:
+            restore_quantizer_state(qmodel, saved)
+            self.timings.update(saved['timings'])
+            if saved.get('search') is not None:
+                from .search import SearchReport
+                self.search_report = SearchReport.from_dict(saved['search'])
+            if saved.get('finetune') is not None:
+                from .finetune import FinetuneReport
+                self.finetune_report = FinetuneReport.from_dict(saved['finetune'])
+            torch.set_rng_state(saved['rng'])
+        convert_seconds = time.perf_counter() - start
+
+        progress = self._stage('calibrate', saved)
+        if progress is not None:
+            self.stage_start -= convert_seconds
+            rank, world = self.calib_shard or (0, 1)
+            done = progress.get('batches_done', 0)
+            mine = list(range(rank, len(batches), world))[done:]
+            point = self.safe_point('calibrate')
+            calibrate(qmodel, [batches[i] for i in mine], config, indices=mine, progress=self.progress,
+                      safe_point=None if point is None else
+                      (lambda observed: point(lambda: {'batches_done': done + observed()['batches_observed']})))
+            self._finish('calibrate')
+
+        progress = self._stage('search', saved)
+        if progress is not None:
+            if config.search.enabled:
+                from .search import SearchReport, search
+                partial = SearchReport.from_dict(progress['report']) if progress else None
+                point = self.safe_point('search')
+                self.search_report = search(qmodel, batches, config, progress=self.progress, done=partial,
+                                            safe_point=None if point is None else
+                                            (lambda report: point(lambda: {'report': report()})))
+            self._finish('search')
+
+        progress = self._stage('finetune', saved)
+        if progress is not None:
+            if config.finetune.enabled:
+                from .finetune import finetune
+                self.finetune_report = finetune(self.model, qmodel, self.source, config, progress=self.progress,
+                                                safe_point=self.safe_point('finetune'), resume=progress or None)
+            self._finish('finetune')
+
+        qmodel.eval()
+        for key in ('calibrate_s', 'search_s', 'finetune_s'):
+            self.timings.setdefault(key, 0.0)
+        return PipelineResult(model=qmodel, config=config, plans=list(qmodel.oaq_plans), timings=self.timings,
+                              search=self.search_report, finetune=self.finetune_report)
 
 
 def quantize(model: nn.Module, calib_batches: CalibrationData, config: Union[OAQConfig, dict, None] = None,

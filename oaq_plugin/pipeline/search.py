@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import OAQConfig
 from ..errors import DataError
 from ..quant.activation import ActivationQuantizer
-from ..quant.convert import set_mode
+from ..quant.convert import quantized_modules, set_mode
 from ..quant.dual_region import DualRegionQuantizer
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.region_grid import RegionGrid
@@ -87,6 +87,13 @@ class SearchReport:
             'relative_error_searched': searched,
             'layers': [layer.to_dict() for layer in self.layers],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> 'SearchReport':
+        """The report of :meth:`to_dict` (derived totals are recomputed, not read)."""
+        names = [f.name for f in fields(LayerSearch)]
+        return cls(layers=[LayerSearch(**{name: layer[name] for name in names}) for layer in data['layers']],
+                   seconds=data['seconds'], sequential=data['sequential'], num_samples=data['num_samples'])
 
     def summary(self) -> str:
         """A short table: per layer the breakpoint before/after and the output error reduction."""
@@ -372,7 +379,8 @@ def _searched_layers(qmodel: nn.Module, example: torch.Tensor) -> List[Tuple[str
 
 
 def search(qmodel: nn.Module, batches: Sequence[torch.Tensor], config: OAQConfig,
-           progress: bool = False) -> SearchReport:
+           progress: bool = False, done: Optional[SearchReport] = None,
+           safe_point: Optional[Callable[[Callable[[], dict]], None]] = None) -> SearchReport:
     """Search every quantized layer's breakpoint, activation bounds and weight clips in place.
 
     Args:
@@ -381,6 +389,11 @@ def search(qmodel: nn.Module, batches: Sequence[torch.Tensor], config: OAQConfig
             are used.
         config: The method's configuration (``config.search`` chooses what is searched).
         progress: Show a progress bar over the layers.
+        done: The report of an interrupted search whose layers are already searched in ``qmodel``: those
+            are skipped (a layer's search depends only on its captured windows, seeded by its name, and on
+            the layers before it), and the report goes on from it.
+        safe_point: Called before each layer with a function returning the report so far as a dict; it
+            may save the state and stop the run by raising.
 
     Returns:
         A :class:`SearchReport` with the initial and searched values of every layer.
@@ -393,20 +406,33 @@ def search(qmodel: nn.Module, batches: Sequence[torch.Tensor], config: OAQConfig
     device = next(qmodel.parameters()).device
     was_training = qmodel.training
     qmodel.eval()
-    modes = {name: layer.mode for name, layer in quant_layers(qmodel)}
+    # Quantized attention matmuls are not searched, but they too go to float while inputs are captured.
+    modes = {name: module.mode for name, module in quantized_modules(qmodel)}
     example = samples[:1].to(device)
     ordered = _searched_layers(qmodel, example)
     names = [name for name, _ in ordered]
     sizes = window_bytes(qmodel, example, names, settings.window, settings.num_samples)
     budget = settings.memory_mb * 2 ** 20 // (2 if settings.sequential else 1)
     report = SearchReport(sequential=settings.sequential, num_samples=int(samples.shape[0]))
+    previous_seconds = 0.0
+    if done is not None:
+        report.layers = list(done.layers)
+        previous_seconds = done.seconds
+    finished = {layer.name for layer in report.layers}
     layers = dict(ordered)
-    bar = tqdm(total=len(names), desc='search', unit='layer', disable=not progress, leave=False)
+    bar = tqdm(total=len(names), initial=len(finished), desc='search', unit='layer', disable=not progress,
+               leave=False)
     try:
         for group in split_by_budget(names, sizes, budget):
+            pending = [name for name in group if name not in finished]
+            if not pending:
+                continue
             set_mode(qmodel, 'float')
-            float_inputs = capture_windows(qmodel, samples, group, settings.window, settings.seed)
-            for name in group:
+            float_inputs = capture_windows(qmodel, samples, pending, settings.window, settings.seed)
+            for name in pending:
+                if safe_point is not None:
+                    report.seconds = previous_seconds + time.perf_counter() - start_time
+                    safe_point(report.to_dict)
                 layer = layers[name]
                 if settings.sequential:
                     # Earlier layers are already searched: this layer sees their quantization error.
@@ -420,10 +446,10 @@ def search(qmodel: nn.Module, batches: Sequence[torch.Tensor], config: OAQConfig
                 bar.set_postfix(layer=name, gain=f'{100 * report.layers[-1].reduction:.0f}%')
     finally:
         bar.close()
-        for name, layer in quant_layers(qmodel):
-            layer.set_mode(modes[name])
+        for name, module in quantized_modules(qmodel):
+            module.set_mode(modes[name])
         qmodel.train(was_training)
-    report.seconds = time.perf_counter() - start_time
+    report.seconds = previous_seconds + time.perf_counter() - start_time
     return report
 
 

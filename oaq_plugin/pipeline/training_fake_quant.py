@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..quant.activation import ActivationQuantizer
+from ..quant.attention import matmul_quantizers
 from ..quant.layers import quant_layers
 from ..quant.region_grid import Region, RegionGrid
 
@@ -154,10 +155,12 @@ def _fast_forward(self: ActivationQuantizer, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def fast_fake_quantization(qmodel: nn.Module) -> Iterator[None]:
-    """While active, the activation quantizers of ``qmodel`` use :func:`fast_quantize`."""
+    """While active, the activation quantizers of ``qmodel`` (attention matmul operands included) use
+    :func:`fast_quantize`."""
     patched = []
-    for _, layer in quant_layers(qmodel):
-        quantizer = layer.act_quantizer
+    quantizers = [layer.act_quantizer for _, layer in quant_layers(qmodel)]
+    quantizers += [quantizer for _, _, quantizer in matmul_quantizers(qmodel)]
+    for quantizer in quantizers:
         if 'forward' not in vars(quantizer):
             quantizer.forward = types.MethodType(_fast_forward, quantizer)
             patched.append(quantizer)

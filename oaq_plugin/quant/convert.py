@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from ..config import OAQConfig, parse_layer_bits
 from ..errors import OAQError, UnsupportedLayerError
 from .activation import ActivationQuantizer
+from .attention import QuantMatmul, QuantWindowAttention, window_attention_modules
 from .dual_region import DualRegionQuantizer
 from .layers import QuantLayer, wrapper_for
 from .uniform import UniformQuantizer
@@ -162,6 +164,49 @@ def wrap_layer(module: nn.Module, plan: LayerPlan, config: OAQConfig) -> QuantLa
                    role=plan.role)
 
 
+def attention_bits(name: str, config: OAQConfig) -> Optional[int]:
+    """Bits of the matmul operands of the attention module ``name`` (``None``: left in float).
+
+    ``a_bits``, unless an ``exclude`` pattern matches the module's name (float) or a ``layer_bits``
+    pattern does (its activation bits, or float).
+    """
+    if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+        return None
+    bits: Optional[int] = config.a_bits
+    for pattern, value in config.layer_bits.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            override = parse_layer_bits(pattern, value)
+            bits = None if override is None else override[1]
+    return bits
+
+
+def wrap_attention(qmodel: nn.Module, config: OAQConfig, plans: List[LayerPlan]) -> List[str]:
+    """Replace every window-attention module of ``qmodel`` by :class:`QuantWindowAttention`, in place.
+
+    Modules whose ``qkv`` layer never runs (planned as unused) or whose patterns leave them in float are
+    skipped. Returns the names of the wrapped modules.
+
+    Raises:
+        UnsupportedLayerError: The model has no window-attention module at all.
+    """
+    found = window_attention_modules(qmodel)
+    if not found:
+        raise UnsupportedLayerError(
+            f'oaq.quantize_attention is true, but {type(qmodel).__name__} has no window-attention module (one with '
+            'qkv, proj, num_heads, scale, window_size, relative_position_bias_table, relative_position_index and '
+            'forward(x, mask), as in SwinIR); set quantize_attention: false for this network')
+    roles = {plan.name: plan.role for plan in plans}
+    wrapped = []
+    for name, module in found:
+        bits = attention_bits(name, config)
+        if bits is None or roles.get(f'{name}.qkv') == 'unused':
+            continue
+        make_quantizer = functools.partial(make_act_quantizer, config, bits)
+        _set_submodule(qmodel, name, QuantWindowAttention(module, make_quantizer, name))
+        wrapped.append(name)
+    return wrapped
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition('.')
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -171,6 +216,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def convert(model: nn.Module, config: OAQConfig, example_input: Optional[torch.Tensor] = None,
             plans: Optional[List[LayerPlan]] = None) -> nn.Module:
     """A deep copy of ``model`` with the planned layers wrapped; the float model is left untouched.
+
+    With ``config.quantize_attention`` the window-attention modules are wrapped too (:func:`wrap_attention`).
 
     Args:
         model: Any module.
@@ -187,14 +234,20 @@ def convert(model: nn.Module, config: OAQConfig, example_input: Optional[torch.T
     for plan in plans:
         if plan.quantized:
             _set_submodule(qmodel, plan.name, wrap_layer(qmodel.get_submodule(plan.name), plan, config))
+    if config.quantize_attention:
+        wrap_attention(qmodel, config, plans)
     qmodel.oaq_plans = plans
     for parameter in qmodel.parameters():
         parameter.requires_grad_(False)
     return qmodel
 
 
+def quantized_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` of everything in ``model`` that has a mode: quantized layers and quantized matmuls."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (QuantLayer, QuantMatmul))]
+
+
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Put every quantized layer of ``model`` in ``observe``, ``quant`` or ``float`` mode."""
-    for module in model.modules():
-        if isinstance(module, QuantLayer):
-            module.set_mode(mode)
+    """Put every quantized layer and matmul of ``model`` in ``observe``, ``quant`` or ``float`` mode."""
+    for _, module in quantized_modules(model):
+        module.set_mode(mode)

@@ -125,6 +125,13 @@ class ActivationObserver:
         """Picklable state for gathering across processes."""
         return {'records': list(self.records), 'samples': dict(self.samples)}
 
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the records and kept samples by those of a :meth:`state_dict` (to resume a calibration)."""
+        self.records = list(state['records'])
+        self.samples = dict(state['samples'])
+        self._next_index = max((record.index + 1 for record in self.records), default=0)
+        self._trim_samples()
+
     def merge(self, states: Iterable[dict]) -> None:
         """Add the records of other observers (e.g. other ranks); duplicates by index are ignored."""
         known = {r.index for r in self.records}
