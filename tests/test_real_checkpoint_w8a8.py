@@ -1,7 +1,10 @@
 """On a real checkpoint, W8A8 dual-region with per-channel weights stays close to the float network.
 
-The target is a cost of at most 0.1 dB; measured without the search stage it is 0.27 dB (IMDN x4, Set5,
-32.21 -> 31.94), so this guards that measurement until the gap is closed.
+The target is a cost of at most 0.1 dB PSNR-Y on Set5 (IMDN x4). Calibration as the defaults (6 batches of 16
+SunHays80 crops of 96 px), search on, finetuning off, and weights on the grid that includes zero
+(``weight_grid: zero``), which held-out SunHays80 crops preferred (fidelity 51.43 vs 51.06 dB with the paper
+grid, ``tools/w8a8_breakdown.py``). Measured on Set5: 32.21 -> 32.16 (0.05 dB); with the paper grid 0.10 dB,
+without the search 0.27 dB.
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ def read(path):
 @pytest.mark.slow
 def test_imdn_x4_w8a8_cost_on_set5(shared):
     model = build_zoo_model('imdn_x4', shared)
-    calib_files = sorted((shared / 'data/calib/SunHays80/LR_bicubic/X4').glob('*.png'))[:16]
-    batches = PatchSource([read(p) for p in calib_files]).batches(num_batches=2, batch_size=8, patch_size=48, seed=0)
-    qmodel = quantize(model, batches, {'w_bits': 8, 'a_bits': 8, 'search': {'enabled': False}})
+    calib_files = sorted((shared / 'data/calib/SunHays80/LR_bicubic/X4').glob('*.png'))
+    qmodel = quantize(model, PatchSource([read(p) for p in calib_files]),
+                      {'w_bits': 8, 'a_bits': 8, 'weight_grid': 'zero'})
     psnr = {'fp': [], 'quant': []}
     for name in SET5:
         lq = read(shared / f'data/benchmark/Set5/LR_bicubic/X4/{name}x4.png')[None]
@@ -38,4 +41,4 @@ def test_imdn_x4_w8a8_cost_on_set5(shared):
                 psnr[key].append(calculate_psnr(out, gt[:out.shape[0], :out.shape[1]], 4, test_y_channel=True))
     fp, quant = (sum(v) / len(v) for v in (psnr['fp'], psnr['quant']))
     assert fp == pytest.approx(32.21, abs=0.01)
-    assert fp - quant <= 0.3, (fp, quant)
+    assert fp - quant <= 0.1, (fp, quant)
