@@ -226,6 +226,39 @@ def save_atomically(payload: Mapping[str, Any], path: PathLike) -> Path:
     return path
 
 
+def read_verified(path: PathLike, what: str, tag: str, version: int, advice: str = '') -> Dict[str, Any]:
+    """The contents of a file written with a format ``tag``, ``version`` and sha256 digest, checked.
+
+    Args:
+        path: The file.
+        what: What the file is, for messages (e.g. ``'quantized checkpoint'``).
+        tag: The expected ``format`` entry.
+        version: The expected ``format_version`` entry.
+        advice: Appended to every message (e.g. what to do about a bad file).
+
+    Raises:
+        DataError: The file is unreadable, not such a file, of another version, or its digest does not match.
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # any failure to parse means a damaged or foreign file
+        raise DataError(f'cannot read the {what} {path}: {type(error).__name__}: {error}{advice}') from None
+    if not isinstance(payload, dict) or payload.get('format') != tag:
+        raise DataError(f'{path} is not a {what} of oaq_plugin (no format tag {tag!r}){advice}')
+    if payload.get('format_version') != version:
+        raise DataError(f"{path} has format version {payload.get('format_version')}; this version reads "
+                        f'{version}{advice}')
+    try:
+        digest = payload_digest(payload)
+    except OAQError as error:
+        raise DataError(f'{path} holds unexpected data: {error}{advice}') from None
+    if digest != payload.get('sha256'):
+        raise DataError(f'{path} is corrupt: its sha256 digest does not match its contents '
+                        f"(stored {payload.get('sha256')}, computed {digest}){advice}")
+    return payload
+
+
 def read_quantized(path: PathLike) -> Dict[str, Any]:
     """The verified contents of a checkpoint written by :func:`save_quantized`.
 
@@ -235,23 +268,7 @@ def read_quantized(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f'quantized checkpoint not found: {path}')
-    try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # any failure to parse means a damaged or foreign file
-        raise DataError(f'cannot read the quantized checkpoint {path}: {type(error).__name__}: {error}') from None
-    if not isinstance(payload, dict) or payload.get('format') != FORMAT:
-        raise DataError(f'{path} is not a quantized checkpoint of oaq_plugin (no format tag {FORMAT!r})')
-    if payload.get('format_version') != FORMAT_VERSION:
-        raise DataError(f"{path} has format version {payload.get('format_version')}; this version reads "
-                        f'{FORMAT_VERSION}')
-    try:
-        digest = payload_digest(payload)
-    except OAQError as error:
-        raise DataError(f'{path} holds unexpected data: {error}') from None
-    if digest != payload.get('sha256'):
-        raise DataError(f'{path} is corrupt: its sha256 digest does not match its contents '
-                        f"(stored {payload.get('sha256')}, computed {digest})")
-    return payload
+    return read_verified(path, 'quantized checkpoint', FORMAT, FORMAT_VERSION)
 
 
 def _loaded_weight(layer: QuantLayer, codes: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ..config import OAQConfig
-from ..errors import ConfigError, DataError, Interrupted, OAQError, signal_name
+from ..errors import ConfigError, DataError, Interrupted, signal_name
 from ..quant.activation import ActivationQuantizer
 from ..quant.observer import BatchStats, ObservedStats
-from .export import payload_digest, save_atomically
+from .export import payload_digest, read_verified, save_atomically
 
 logger = logging.getLogger('oaq_plugin')
 
@@ -105,24 +105,7 @@ def save_state(path: PathLike, state: Mapping[str, Any]) -> Path:
 
 def load_state(path: PathLike) -> Dict[str, Any]:
     """The verified contents of a state file written by :func:`save_state`."""
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # any failure to parse means a damaged or foreign file
-        raise DataError(f'cannot read the resume state {path}: {type(error).__name__}: {error}; '
-                        'delete it to start afresh') from None
-    if not isinstance(payload, dict) or payload.get('format') != STATE_FORMAT:
-        raise DataError(f'{path} is not a resume state of oaq_plugin (no format tag {STATE_FORMAT!r})')
-    if payload.get('format_version') != STATE_VERSION:
-        raise DataError(f"{path} has format version {payload.get('format_version')}; this version reads "
-                        f'{STATE_VERSION}; delete it to start afresh')
-    try:
-        digest = payload_digest(payload)
-    except OAQError as error:
-        raise DataError(f'{path} holds unexpected data: {error}') from None
-    if digest != payload.get('sha256'):
-        raise DataError(f'{path} is corrupt: its sha256 digest does not match its contents; delete it to start afresh')
-    return payload
+    return read_verified(path, 'resume state', STATE_FORMAT, STATE_VERSION, advice='; delete it to start afresh')
 
 
 def activation_quantizers(qmodel: nn.Module) -> List[tuple]:
