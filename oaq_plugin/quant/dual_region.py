@@ -109,14 +109,19 @@ class DualRegionQuantizer(ActivationQuantizer):
                                 index_min=-2 ** (self.bits - 1), index_max=2 ** (self.bits - 1) - 1)
             else:
                 middle = endpoint_region(low_edge, high_edge, dense)
+                # The thresholds are the middle's end levels as computed, so that a quantized value on an
+                # end level (off the edge by a rounding error) stays in the middle: Q(Q(x)) = Q(x).
+                low_edge, high_edge = _end_levels(middle)
             return RegionGrid(middle=middle, low=endpoint_region(lower, low_edge, tail),
                               high=endpoint_region(high_edge, upper, tail), low_threshold=low_edge,
                               high_threshold=high_edge)
         if has_high:
-            return RegionGrid(middle=endpoint_region(lower, high_edge, dense + tail),
-                              high=endpoint_region(high_edge, upper, tail), high_threshold=high_edge)
-        return RegionGrid(middle=endpoint_region(low_edge, upper, dense + tail),
-                          low=endpoint_region(lower, low_edge, tail), low_threshold=low_edge)
+            middle = endpoint_region(lower, high_edge, dense + tail)
+            high_edge = _end_levels(middle)[1]
+            return RegionGrid(middle=middle, high=endpoint_region(high_edge, upper, tail), high_threshold=high_edge)
+        middle = endpoint_region(low_edge, upper, dense + tail)
+        low_edge = _end_levels(middle)[0]
+        return RegionGrid(middle=middle, low=endpoint_region(lower, low_edge, tail), low_threshold=low_edge)
 
     def describe(self) -> dict:
         info = super().describe()
@@ -126,3 +131,8 @@ class DualRegionQuantizer(ActivationQuantizer):
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, breakpoint={float(self.breakpoint.detach()):.4g}, levels={self.levels}'
+
+
+def _end_levels(region: Region) -> tuple:
+    """``(first, last)`` level of ``region``, computed as its quantizer computes levels."""
+    return region.offset + region.index_min * region.step, region.offset + region.index_max * region.step
