@@ -240,7 +240,7 @@ def markdown(payload: dict) -> List[str]:
              f"{payload['ft_patch'] or 'the default size (96)'}, batch 2; calibration: 6 batches of 16 crops (96 px).",
              '']
     header = '| model | configuration | ' + ' | '.join(f'{s} PSNR / SSIM | {s} dE | {s} fidelity' for s in sets) + \
-        ' | calib s | search s | FT s (iters, student/FP iter) | peak RSS MB |'
+        ' | calib s | search s | FT s (iters, student/FP iter) | peak RSS MiB |'
     lines += [header, '|' + '---|' * (header.count('|') - 1)]
     for r in payload['records']:
         if 'error' in r:

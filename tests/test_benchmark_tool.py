@@ -1,0 +1,51 @@
+"""tools/benchmark.py: the rungs' option dicts are valid configs, and the table renders every record kind."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from oaq_plugin import OAQConfig
+
+
+@pytest.fixture(scope='module')
+def benchmark():
+    path = Path(__file__).resolve().parents[1] / 'tools' / 'benchmark.py'
+    spec = importlib.util.spec_from_file_location('oaq_benchmark_tool', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_rung_is_a_valid_config_with_the_requested_finetuning(benchmark):
+    args = benchmark.parse_args(['--ft-iters', '30', '--ft-epochs', '4', '--ft-patch', '40'])
+    for rung in benchmark.RUNGS:
+        config = OAQConfig.from_dict(benchmark.rung_config(rung, args))
+        if config.finetune.enabled:
+            assert config.finetune.epochs == 4 and config.finetune.iters_per_epoch == 7
+            assert config.finetune.patch_size == 40
+    assert OAQConfig.from_dict(benchmark.rung_config('full_w3a3', args)).w_bits == 3
+    assert OAQConfig.from_dict(benchmark.rung_config('minmax', args)).act_quantizer == 'minmax'
+    # The rung table is not changed by building a config from it.
+    assert benchmark.RUNGS['full'][1]['finetune'] == {'enabled': True, 'mode': 'sensitivity'}
+
+
+def test_markdown_renders_fp_quantized_and_failed_records(benchmark):
+    metrics = {'psnr': 30.0, 'ssim': 0.9, 'delta_e': 3.0}
+    records = [
+        {'model': 'imdn_x4', 'rung': 'fp', 'label': 'FP32', 'metrics': {'Set5': metrics},
+         'timings': {'validate_s': 1.0}, 'peak_rss_mb': 900.0},
+        {'model': 'imdn_x4', 'rung': 'full', 'label': 'W4A4 full',
+         'metrics': {'Set5': {**metrics, 'fidelity_psnr': 35.0}},
+         'timings': {'calibrate_s': 10.0, 'search_s': 5.0, 'finetune_s': 20.0, 'validate_s': 1.0},
+         'finetune': {'iterations': 10, 'seconds_per_iteration': 2.0, 'fp_iteration_s': 1.0, 'student_vs_fp': 2.0},
+         'peak_rss_mb': 1000.0},
+        {'model': 'pan_x4', 'rung': 'dual', 'error': 'RuntimeError: boom', 'wall_s': 3.0},
+    ]
+    payload = {'environment': {'date': 'd', 'machine': 'm', 'torch': 't', 'threads': 2, 'command': 'c'},
+               'sets': ['Set5'], 'ft_iters': 10, 'ft_patch': None, 'records': records}
+    rows = [line for line in benchmark.markdown(payload) if line.startswith('| ')][1:]
+    assert len(rows) == 3
+    assert '35.00' in rows[1] and '20 (10, 2.00x)' in rows[1]
+    assert 'failed: RuntimeError: boom' in rows[2]
