@@ -75,8 +75,8 @@ class SearchConfig:
         enabled: Run the search; off keeps the fixed-percentile initialization of the paper.
         breakpoint: Search the dual-region breakpoint.
         act_clip: Also search the activation bounds (lower/upper) inside the observed range. Off by default:
-            it lowers every layer's own output error but clips outliers the later layers need (measured
-            end to end on held-out calibration crops, IMDN x4 W4A4: -0.3 dB fidelity).
+            it lowers each layer's output error on the captured windows but clips tails that other images
+            reach (the demo's W4A4 model lost 0.7 dB on a held-out image with it; docs/BENCHMARKS.md).
         weight_clip: Search the weight clip by the layer output error (after the shrink search).
         level_split: Also search how the levels are split between the dense region and the tails.
         center: Also search the centre of the dense region, ``[c - bp, c + bp]`` instead of the paper's
