@@ -1,21 +1,15 @@
 """tools/benchmark.py: the rungs' option dicts are valid configs, and the table renders every record kind."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from oaq_plugin import OAQConfig
+from tiny_sr import load_tool
 
 
 @pytest.fixture(scope='module')
 def benchmark():
-    path = Path(__file__).resolve().parents[1] / 'tools' / 'benchmark.py'
-    spec = importlib.util.spec_from_file_location('oaq_benchmark_tool', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('benchmark')
 
 
 def test_every_rung_is_a_valid_config_with_the_requested_finetuning(benchmark):

@@ -14,6 +14,7 @@ from oaq_plugin.backends.reference import reference_forward  # noqa: E402
 from oaq_plugin.backends.triton_backend import TritonExecutor, grid_params  # noqa: E402
 from oaq_plugin.kernels.quant_conv2d import pack_weight, quant_conv2d  # noqa: E402
 from oaq_plugin.quant import UniformQuantizer  # noqa: E402
+from tiny_sr import load_tool  # noqa: E402
 
 TOLERANCE = 1e-5
 
@@ -123,25 +124,15 @@ def test_wrapper_rejects_bad_input():
         quant_conv2d(torch.zeros(1, 4, 1, 1), weight, grid)
 
 
-def _bench_module():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / 'tools' / 'bench_kernels.py'
-    spec = importlib.util.spec_from_file_location('bench_kernels', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for machines without CUDA')
 def test_bench_refuses_without_cuda(capsys):
-    assert _bench_module().main(['--out', 'unused']) == 2
+    assert load_tool('bench_kernels').main(['--out', 'unused']) == 2
     assert 'no CUDA device' in capsys.readouterr().err
 
 
 def test_bench_check_mode_runs_every_layer_path(tmp_path):
     import json
-    bench = _bench_module()
+    bench = load_tool('bench_kernels')
     assert bench.main(['--check-on-cpu', '--no-e2e', '--precisions', 'ieee', '--out', str(tmp_path)]) == 0
     result = json.loads((tmp_path / 'bench_kernels.json').read_text())
     triton_rows = [r for r in result['layers'] if r['backend'] == 'triton']

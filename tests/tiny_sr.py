@@ -75,3 +75,14 @@ def calibration_crops(shared, count=4, size=32, seed=0):
     images = [torch.from_numpy(cv2.imread(str(f))[:, :, ::-1].astype('float32') / 255.).permute(2, 0, 1).contiguous()
               for f in files]
     return PatchSource(images).batches(1, count, size, seed)[0]
+
+
+def load_tool(name: str):
+    """The script ``tools/<name>.py`` imported as a module (tools/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'tools' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'oaq_tool_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
