@@ -118,10 +118,20 @@ def detect_roles(model: nn.Module, example_input: torch.Tensor) -> Dict[str, str
     return roles
 
 
+def pattern_bits(name: str, bits: Optional[tuple], config: OAQConfig) -> Optional[tuple]:
+    """``bits`` (``(w_bits, a_bits)`` or ``None`` for float) for the module ``name`` after the config's name
+    patterns: ``None`` if an ``exclude`` pattern matches, then the last matching ``layer_bits`` pattern wins."""
+    if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+        bits = None
+    for pattern, value in config.layer_bits.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            bits = parse_layer_bits(pattern, value)
+    return bits
+
+
 def plan_layers(model: nn.Module, config: OAQConfig, example_input: Optional[torch.Tensor]) -> List[LayerPlan]:
     """The per-layer plan: role and bits of every Conv2d/ConvTranspose2d/Linear, overrides applied."""
     roles = detect_roles(model, example_input) if example_input is not None else {}
-    overrides = [(pattern, parse_layer_bits(pattern, bits)) for pattern, bits in config.layer_bits.items()]
     plans = []
     for name, module in model.named_modules():
         if wrapper_for(module) is None or isinstance(module, QuantLayer):
@@ -132,11 +142,7 @@ def plan_layers(model: nn.Module, config: OAQConfig, example_input: Optional[tor
         bits: Optional[tuple] = (config.w_bits, config.a_bits)
         if role in ('first', 'last', 'upsampler'):
             bits = None if config.float_ends() else (config.end_bits, config.end_bits)
-        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-            bits = None
-        for pattern, override in overrides:
-            if fnmatch.fnmatchcase(name, pattern):
-                bits = override
+        bits = pattern_bits(name, bits, config)
         if role == 'unused':
             bits = None
         plans.append(LayerPlan(name=name, kind=type(module).__name__, role=role,
@@ -170,14 +176,8 @@ def attention_bits(name: str, config: OAQConfig) -> Optional[int]:
     ``a_bits``, unless an ``exclude`` pattern matches the module's name (float) or a ``layer_bits``
     pattern does (its activation bits, or float).
     """
-    if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-        return None
-    bits: Optional[int] = config.a_bits
-    for pattern, value in config.layer_bits.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            override = parse_layer_bits(pattern, value)
-            bits = None if override is None else override[1]
-    return bits
+    bits = pattern_bits(name, (config.w_bits, config.a_bits), config)
+    return None if bits is None else bits[1]
 
 
 def wrap_attention(qmodel: nn.Module, config: OAQConfig, plans: List[LayerPlan]) -> List[str]:
