@@ -55,7 +55,8 @@ def histogram_quantile(values: torch.Tensor, q: float, bins: int = HISTOGRAM_BIN
     hist = torch.histc(flat, bins=bins, min=low, max=high).double()
     cdf = torch.cumsum(hist, 0)
     target = q * float(cdf[-1])
-    position = int(torch.searchsorted(cdf, torch.tensor([target], dtype=cdf.dtype, device=cdf.device)).clamp(max=bins - 1))
+    target_tensor = torch.tensor([target], dtype=cdf.dtype, device=cdf.device)
+    position = int(torch.searchsorted(cdf, target_tensor).clamp(max=bins - 1))
     before = float(cdf[position - 1]) if position > 0 else 0.0
     inside = float(hist[position])
     fraction = 0.0 if inside <= 0 else min(max((target - before) / inside, 0.0), 1.0)
@@ -88,7 +89,10 @@ class ActivationObserver:
         x = x.detach().float()
         q = self.percentile / 100.0
         per_sample = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
-        std = per_sample.std(dim=1, unbiased=False) if per_sample.shape[1] > 1 else torch.zeros(per_sample.shape[0], device=x.device)
+        if per_sample.shape[1] > 1:
+            std = per_sample.std(dim=1, unbiased=False)
+        else:
+            std = torch.zeros(per_sample.shape[0], device=x.device)
         self.records.append(BatchStats(
             index=index,
             minimum=float(x.min()),
