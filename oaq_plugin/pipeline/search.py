@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import OAQConfig
 from ..errors import DataError
 from ..quant.activation import ActivationQuantizer
-from ..quant.convert import quantized_modules, set_mode
+from ..quant.convert import modes_restored, set_mode
 from ..quant.dual_region import DualRegionQuantizer
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.region_grid import RegionGrid
@@ -406,8 +406,6 @@ def search(qmodel: nn.Module, batches: Sequence[torch.Tensor], config: OAQConfig
     device = next(qmodel.parameters()).device
     was_training = qmodel.training
     qmodel.eval()
-    # Quantized attention matmuls are not searched, but they too go to float while inputs are captured.
-    modes = {name: module.mode for name, module in quantized_modules(qmodel)}
     example = samples[:1].to(device)
     ordered = _searched_layers(qmodel, example)
     names = [name for name, _ in ordered]
@@ -422,33 +420,33 @@ def search(qmodel: nn.Module, batches: Sequence[torch.Tensor], config: OAQConfig
     layers = dict(ordered)
     bar = tqdm(total=len(names), initial=len(finished), desc='search', unit='layer', disable=not progress,
                leave=False)
-    try:
-        for group in split_by_budget(names, sizes, budget):
-            pending = [name for name in group if name not in finished]
-            if not pending:
-                continue
-            set_mode(qmodel, 'float')
-            float_inputs = capture_windows(qmodel, samples, pending, settings.window, settings.seed)
-            for name in pending:
-                if safe_point is not None:
-                    report.seconds = previous_seconds + time.perf_counter() - start_time
-                    safe_point(report.to_dict)
-                layer = layers[name]
-                if settings.sequential:
-                    # Earlier layers are already searched: this layer sees their quantization error.
-                    for earlier in names[:names.index(name)]:
-                        layers[earlier].set_mode('quant')
-                    inputs = capture_windows(qmodel, samples, [name], settings.window, settings.seed)[name]
-                else:
-                    inputs = float_inputs[name]
-                report.layers.append(_search_layer(name, layer, inputs, float_inputs.pop(name), config))
-                bar.update(1)
-                bar.set_postfix(layer=name, gain=f'{100 * report.layers[-1].reduction:.0f}%')
-    finally:
-        bar.close()
-        for name, module in quantized_modules(qmodel):
-            module.set_mode(modes[name])
-        qmodel.train(was_training)
+    # Quantized attention matmuls are not searched, but they too go to float while inputs are captured.
+    with modes_restored(qmodel):
+        try:
+            for group in split_by_budget(names, sizes, budget):
+                pending = [name for name in group if name not in finished]
+                if not pending:
+                    continue
+                set_mode(qmodel, 'float')
+                float_inputs = capture_windows(qmodel, samples, pending, settings.window, settings.seed)
+                for name in pending:
+                    if safe_point is not None:
+                        report.seconds = previous_seconds + time.perf_counter() - start_time
+                        safe_point(report.to_dict)
+                    layer = layers[name]
+                    if settings.sequential:
+                        # Earlier layers are already searched: this layer sees their quantization error.
+                        for earlier in names[:names.index(name)]:
+                            layers[earlier].set_mode('quant')
+                        inputs = capture_windows(qmodel, samples, [name], settings.window, settings.seed)[name]
+                    else:
+                        inputs = float_inputs[name]
+                    report.layers.append(_search_layer(name, layer, inputs, float_inputs.pop(name), config))
+                    bar.update(1)
+                    bar.set_postfix(layer=name, gain=f'{100 * report.layers[-1].reduction:.0f}%')
+        finally:
+            bar.close()
+            qmodel.train(was_training)
     report.seconds = previous_seconds + time.perf_counter() - start_time
     return report
 

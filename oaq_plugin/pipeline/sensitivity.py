@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config import MAX_BITS, MIN_BITS, OAQConfig
 from ..errors import ConfigError, DataError
-from ..quant.convert import quantized_modules
+from ..quant.convert import modes_restored, quantized_modules, set_mode
 from ..quant.layers import QuantLayer, quant_layers
 
 ImagePair = Tuple[torch.Tensor, torch.Tensor]
@@ -161,14 +161,10 @@ def layer_bits(layer: QuantLayer, bits: Optional[int]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _only_quantized(qmodel: nn.Module, name: str) -> Iterator[None]:
-    modes = {n: module.mode for n, module in quantized_modules(qmodel)}
-    try:
+    with modes_restored(qmodel):
         for n, module in quantized_modules(qmodel):
             module.set_mode('quant' if n == name else 'float')
         yield
-    finally:
-        for n, module in quantized_modules(qmodel):
-            module.set_mode(modes[n])
 
 
 def layer_sensitivity(qmodel: nn.Module, pairs: Sequence[ImagePair], crop_border: int, reference: str = 'hr',
@@ -212,14 +208,9 @@ def layer_sensitivity(qmodel: nn.Module, pairs: Sequence[ImagePair], crop_border
 
 @contextlib.contextmanager
 def _all_float(qmodel: nn.Module) -> Iterator[None]:
-    modes = {n: module.mode for n, module in quantized_modules(qmodel)}
-    try:
-        for _, module in quantized_modules(qmodel):
-            module.set_mode('float')
+    with modes_restored(qmodel):
+        set_mode(qmodel, 'float')
         yield
-    finally:
-        for n, module in quantized_modules(qmodel):
-            module.set_mode(modes[n])
 
 
 def plot_sensitivity(report: SensitivityReport, path: Union[str, Path], title: str = '') -> Path:

@@ -7,11 +7,12 @@ and every layer running at a higher resolution than the input (the upsampling ta
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import functools
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -251,3 +252,14 @@ def set_mode(model: nn.Module, mode: str) -> None:
     """Put every quantized layer and matmul of ``model`` in ``observe``, ``quant`` or ``float`` mode."""
     for _, module in quantized_modules(model):
         module.set_mode(mode)
+
+
+@contextlib.contextmanager
+def modes_restored(model: nn.Module) -> Iterator[None]:
+    """Within the block the modes of the quantized layers and matmuls may change; they are restored after."""
+    modes = {name: module.mode for name, module in quantized_modules(model)}
+    try:
+        yield
+    finally:
+        for name, module in quantized_modules(model):
+            module.set_mode(modes[name])
