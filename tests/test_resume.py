@@ -16,7 +16,8 @@ import yaml
 
 from oaq_plugin import ConfigError, DataError, Interrupted, OAQConfig, run_pipeline
 from oaq_plugin.pipeline.patches import PatchSource
-from oaq_plugin.pipeline.resume import StopRequest, activation_quantizers, load_state, stop_on_signals
+from oaq_plugin.pipeline.resume import StopRequest, load_state, stop_on_signals
+from oaq_plugin.quant.activation import activation_quantizers
 from tiny_sr import TinyResSR, tiny_images, single_thread  # noqa: F401 (autouse fixture)
 
 OPTIONS = {

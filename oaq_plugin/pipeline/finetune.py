@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..config import OAQConfig
 from ..errors import NumericalError
-from ..quant.attention import matmul_quantizers
+from ..quant.activation import activation_quantizers
 from ..quant.dual_region import DualRegionQuantizer
 from ..quant.layers import quant_layers
 from .feature_taps import FeatureTaps, TapKey, tap_names
@@ -103,13 +103,8 @@ def parameter_groups(qmodel: nn.Module) -> Dict[str, List[Tuple[str, nn.Paramete
     groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}
     for name, layer in quant_layers(qmodel):
         groups['weight_clip'].append((f'{name}.weight_quantizer.clip', layer.weight_quantizer.clip))
-        quantizer = layer.act_quantizer
-        groups['act_bounds'].append((f'{name}.act_quantizer.lower', quantizer.lower))
-        groups['act_bounds'].append((f'{name}.act_quantizer.upper', quantizer.upper))
-        if isinstance(quantizer, DualRegionQuantizer):
-            groups['breakpoint'].append((f'{name}.act_quantizer.breakpoint', quantizer.breakpoint))
-    # Operands of quantized attention matmuls train with the activation groups.
-    for name, _, quantizer in matmul_quantizers(qmodel):
+    # Those of layers and of attention-matmul operands alike.
+    for name, quantizer in activation_quantizers(qmodel):
         groups['act_bounds'] += [(f'{name}.lower', quantizer.lower), (f'{name}.upper', quantizer.upper)]
         if isinstance(quantizer, DualRegionQuantizer):
             groups['breakpoint'].append((f'{name}.breakpoint', quantizer.breakpoint))

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import OAQConfig
 from ..errors import ConfigError, DataError, Interrupted, signal_name
-from ..quant.activation import ActivationQuantizer
+from ..quant.activation import activation_quantizers
 from ..quant.observer import BatchStats, ObservedStats
 from .export import payload_digest, read_verified, save_atomically
 
@@ -106,11 +106,6 @@ def save_state(path: PathLike, state: Mapping[str, Any]) -> Path:
 def load_state(path: PathLike) -> Dict[str, Any]:
     """The verified contents of a state file written by :func:`save_state`."""
     return read_verified(path, 'resume state', STATE_FORMAT, STATE_VERSION, advice='; delete it to start afresh')
-
-
-def activation_quantizers(qmodel: nn.Module) -> List[tuple]:
-    """``(name, quantizer)`` for every activation quantizer (of layers and of attention matmuls)."""
-    return [(name, m) for name, m in qmodel.named_modules() if isinstance(m, ActivationQuantizer)]
 
 
 def quantizer_state(qmodel: nn.Module) -> Dict[str, Any]:

@@ -24,9 +24,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..quant.activation import ActivationQuantizer
-from ..quant.attention import matmul_quantizers
-from ..quant.layers import quant_layers
+from ..quant.activation import ActivationQuantizer, activation_quantizers
 from ..quant.region_grid import Region, RegionGrid
 
 # Relative tolerance of the continuity test between adjacent regions.
@@ -158,9 +156,7 @@ def fast_fake_quantization(qmodel: nn.Module) -> Iterator[None]:
     """While active, the activation quantizers of ``qmodel`` (attention matmul operands included) use
     :func:`fast_quantize`."""
     patched = []
-    quantizers = [layer.act_quantizer for _, layer in quant_layers(qmodel)]
-    quantizers += [quantizer for _, _, quantizer in matmul_quantizers(qmodel)]
-    for quantizer in quantizers:
+    for _, quantizer in activation_quantizers(qmodel):
         if 'forward' not in vars(quantizer):
             quantizer.forward = types.MethodType(_fast_forward, quantizer)
             patched.append(quantizer)

@@ -1,7 +1,7 @@
 """The base of activation quantizers: learnable bounds, an observer, fake quantization by a grid."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -81,3 +81,8 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f'bits={self.bits}, lower={float(self.lower.detach()):.4g}, upper={float(self.upper.detach()):.4g}'
+
+
+def activation_quantizers(model: nn.Module) -> List[Tuple[str, ActivationQuantizer]]:
+    """``(name, quantizer)`` for every activation quantizer of ``model`` (of layers and of attention matmuls)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
