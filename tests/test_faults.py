@@ -14,6 +14,7 @@ from torch import nn
 from oaq_plugin import ConfigError, DataError, OAQConfig, OAQError, quantize
 from oaq_plugin.basicsr_plugin.calibration_data import calibration_source
 from oaq_plugin.config import CalibConfig
+from oaq_plugin.pipeline.images import read_image
 from oaq_plugin.pipeline.inference import run_tiled
 
 
@@ -49,6 +50,18 @@ def test_calibration_images_are_converted_or_skipped_with_a_named_warning(tmp_pa
 def test_missing_or_empty_calibration_source_is_refused(tmp_path, make, error, fragment):
     with pytest.raises(error, match=fragment):
         calibration_source(CalibConfig(dataroot_lq=make(tmp_path)))
+
+
+def test_read_image_converts_and_names_bad_files(tmp_path):
+    gray = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    cv2.imwrite(str(tmp_path / 'gray16.png'), gray)
+    image = read_image(tmp_path / 'gray16.png')
+    assert image.shape == (3, 3, 4) and torch.allclose(image[1], torch.from_numpy(gray / 65535.0).float())
+    with pytest.raises(DataError, match='test image not found: .*missing.png'):
+        read_image(tmp_path / 'missing.png', 'test image')
+    (tmp_path / 'broken.png').write_bytes(b'not an image')
+    with pytest.raises(DataError, match='cannot decode image .*broken.png'):
+        read_image(tmp_path / 'broken.png')
 
 
 def test_lmdb_without_meta_info_is_refused(tmp_path):

@@ -69,11 +69,9 @@ def single_thread():
 
 def calibration_crops(shared, count=4, size=32, seed=0):
     """``count`` random LR crops of the SunHays80 x4 calibration images (never a test set)."""
-    import cv2
-    from oaq_plugin.pipeline.patches import PatchSource
+    from oaq_plugin.pipeline.images import read_image
     files = sorted((shared / 'data/calib/SunHays80/LR_bicubic/X4').glob('*.png'))[:8]
-    images = [torch.from_numpy(cv2.imread(str(f))[:, :, ::-1].astype('float32') / 255.).permute(2, 0, 1).contiguous()
-              for f in files]
+    images = [read_image(f) for f in files]
     return PatchSource(images).batches(1, count, size, seed)[0]
 
 

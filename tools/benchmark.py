@@ -88,15 +88,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def read_rgb(path: Path):
-    import cv2
-    import torch
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f'cannot read image {path}')
-    return torch.from_numpy(image[:, :, ::-1].astype('float32') / 255.).permute(2, 0, 1).contiguous()
-
-
 def to_bgr_uint8(tensor):
     import numpy as np
     image = tensor.detach().squeeze(0).clamp(0, 1).permute(1, 2, 0).numpy()[:, :, ::-1]
@@ -106,11 +97,13 @@ def to_bgr_uint8(tensor):
 def test_pairs(shared: Path, name: str, scale: int):
     """``(image name, LR tensor, HR BGR uint8)`` of a benchmark set."""
     import cv2
+
+    from oaq_plugin.pipeline.images import read_image
     root = shared / 'data' / 'benchmark' / name
     pairs = []
     for hr_path in sorted((root / 'HR').glob('*.png')):
         lr_path = root / 'LR_bicubic' / f'X{scale}' / f'{hr_path.stem}x{scale}.png'
-        pairs.append((hr_path.stem, read_rgb(lr_path)[None], cv2.imread(str(hr_path), cv2.IMREAD_COLOR)))
+        pairs.append((hr_path.stem, read_image(lr_path)[None], cv2.imread(str(hr_path), cv2.IMREAD_COLOR)))
     return pairs
 
 
@@ -162,6 +155,7 @@ def run_worker(spec: dict) -> dict:
     install_basicsr_compat()
     from oaq_plugin import OAQConfig, run_pipeline
     from oaq_plugin.archs.zoo import ZOO, build_zoo_model
+    from oaq_plugin.pipeline.images import read_image
     from oaq_plugin.pipeline.patches import PatchSource
 
     torch.set_num_threads(spec['threads'])
@@ -180,7 +174,7 @@ def run_worker(spec: dict) -> dict:
         config = OAQConfig.from_dict(spec['config'])
         record['config'] = config.to_dict()
         calib_dir = shared / 'data' / 'calib' / 'SunHays80' / 'LR_bicubic' / f'X{entry.scale}'
-        source = PatchSource([read_rgb(p) for p in sorted(calib_dir.glob('*.png'))])
+        source = PatchSource([read_image(p) for p in sorted(calib_dir.glob('*.png'))])
         result = run_pipeline(model, source, config)
         qmodel = result.model
         start = time.perf_counter()

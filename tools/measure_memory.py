@@ -96,11 +96,8 @@ def ru_maxrss_mib() -> float:
 
 
 def calibration_images(shared: Path, count: int) -> List[Any]:
-    import cv2
-    import torch
-    files = sorted((shared / CALIB_FOLDER).glob('*.png'))[:count]
-    return [torch.from_numpy(cv2.imread(str(f))[:, :, ::-1].astype('float32') / 255.).permute(2, 0, 1).contiguous()
-            for f in files]
+    from oaq_plugin.pipeline.images import read_image
+    return [read_image(f) for f in sorted((shared / CALIB_FOLDER).glob('*.png'))[:count]]
 
 
 def frame(shared: Path, width: int, height: int):

@@ -19,7 +19,6 @@ from oaq_plugin.compat import install_basicsr_compat
 
 install_basicsr_compat()
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
@@ -27,16 +26,12 @@ from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
 from oaq_plugin import quantize  # noqa: E402
 from oaq_plugin.archs.zoo import ZOO, build_zoo_model  # noqa: E402
 from oaq_plugin.paths import shared_root  # noqa: E402
+from oaq_plugin.pipeline.images import read_image  # noqa: E402
 from oaq_plugin.pipeline.patches import PatchSource  # noqa: E402
 from oaq_plugin.quant import quant_layers  # noqa: E402
 
 CALIBRATION_IMAGES = 60
 HELD_OUT_CROP = 128
-
-
-def read(path) -> torch.Tensor:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1].astype('float32') / 255.
-    return torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous()
 
 
 def centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -60,8 +55,8 @@ def main(argv=None) -> int:
     scale = ZOO[args.model].scale
     model = build_zoo_model(args.model, shared)
     files = sorted((shared / f'data/calib/SunHays80/LR_bicubic/X{scale}').glob('*.png'))
-    calibration = PatchSource([read(p) for p in files[:CALIBRATION_IMAGES]])
-    held_out = [centre_crop(read(p), HELD_OUT_CROP)[None] for p in files[CALIBRATION_IMAGES:]]
+    calibration = PatchSource([read_image(p) for p in files[:CALIBRATION_IMAGES]])
+    held_out = [centre_crop(read_image(p), HELD_OUT_CROP)[None] for p in files[CALIBRATION_IMAGES:]]
     with torch.no_grad():
         references = [to_uint8(model(x)) for x in held_out]
 

@@ -13,33 +13,13 @@ import random
 from pathlib import Path
 from typing import Callable, List, Tuple
 
-import cv2
-import numpy as np
-import torch
-
 from ..config import CalibConfig
 from ..errors import ConfigError, DataError
+from ..pipeline.images import IMAGE_SUFFIXES, decode_image
 from ..pipeline.patches import PatchSource
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 MIN_SIDE = 8
 logger = logging.getLogger('oaq_plugin')
-
-
-def decode_image(data: bytes, name: str) -> torch.Tensor:
-    """RGB float tensor (3, H, W) in [0, 1] from encoded image bytes; raises DataError if unreadable."""
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    if array is None:
-        raise DataError(f'cannot decode calibration image {name}: not a readable image file')
-    scale = 65535.0 if array.dtype == np.uint16 else 255.0
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    elif array.shape[2] == 4:
-        array = array[..., :3]
-    elif array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    rgb = array[..., ::-1].astype(np.float32) / scale
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
 def _folder_entries(root: Path) -> List[Tuple[str, Callable[[], bytes]]]:
@@ -97,7 +77,7 @@ def calibration_source(calib: CalibConfig) -> PatchSource:
     names, loaders = [], []
     for name, read in entries:
         try:
-            image = decode_image(read(), name)
+            image = decode_image(read(), name, 'calibration image')
         except DataError as error:
             logger.warning('skipping calibration image: %s', error)
             continue
@@ -109,7 +89,7 @@ def calibration_source(calib: CalibConfig) -> PatchSource:
             logger.warning('calibration image %s (%dx%d) is smaller than patch_size %d: patches are cut smaller',
                            name, image.shape[-1], image.shape[-2], calib.patch_size)
         names.append(name)
-        loaders.append(lambda read=read, name=name: decode_image(read(), name))
+        loaders.append(lambda read=read, name=name: decode_image(read(), name, 'calibration image'))
     if not loaders:
         raise DataError(f'no usable calibration image in {root}: every file was unreadable or too small')
     return PatchSource(loaders, names)
