@@ -109,6 +109,42 @@ class SearchConfig:
 
 
 @dataclass
+class RoundingConfig:
+    """Learned weight rounding (AdaRound-style), layer by layer after the search; beyond the paper.
+
+    Each weight rounds down or up by a learned choice instead of to nearest, chosen so that the layer's
+    output on captured calibration windows (its input quantized) matches the float layer's output.
+
+    Args:
+        enabled: Run the stage.
+        iterations: Adam steps per layer.
+        lr: Adam learning rate of the rounding variables.
+        reg_weight: Weight of the regulariser (a mean in [0, 1]) that drives every choice to 0 or 1,
+            against the layer's output error divided by its output energy.
+        warmup: Fraction of the iterations without the regulariser.
+        num_samples: Calibration patches whose layer inputs are captured.
+        window: Side of the random window cut from each captured layer input.
+        batch_size: Captured windows per Adam step (drawn at random from the ``num_samples``).
+        sequential: Capture each layer's inputs in the network whose earlier layers are already quantized
+            (with their learned rounding), so a layer can make up for the error before it.
+        memory_mb: Budget for the captured float inputs.
+        seed: Seed of the captured windows.
+    """
+
+    enabled: bool = False
+    iterations: int = field(default=300, metadata=_range(1))
+    lr: float = field(default=1e-2, metadata=_range(0.0))
+    reg_weight: float = field(default=0.1, metadata=_range(0.0))
+    warmup: float = field(default=0.2, metadata=_range(0.0, 1.0))
+    num_samples: int = field(default=16, metadata=_range(1))
+    window: int = field(default=32, metadata=_range(4))
+    batch_size: int = field(default=4, metadata=_range(1))
+    sequential: bool = True
+    memory_mb: int = field(default=1024, metadata=_range(16))
+    seed: int = 0
+
+
+@dataclass
 class FinetuneConfig:
     """Sensitivity-aware finetuning (METHOD.md §6-7).
 
@@ -233,6 +269,7 @@ class OAQConfig:
     resume: bool = False
     calib: CalibConfig = field(default_factory=CalibConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tile: TileConfig = field(default_factory=TileConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)

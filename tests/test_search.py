@@ -133,25 +133,22 @@ def test_report_lists_initial_and_searched_values_and_is_json():
     assert 'search:' in report.summary()
 
 
-def test_memory_groups_do_not_change_the_result():
+def test_memory_groups_do_not_change_the_result(monkeypatch):
     _, qmodel, _, config, batches = calibrated_tiny({'search': SMALL})
     other = copy.deepcopy(qmodel)
     search(qmodel, batches, config)
     small_budget = config.replace(search=type(config.search)(**{**config.search.__dict__, 'memory_mb': 16}))
     # A budget below one layer's capture makes one group per layer.
-    from oaq_plugin.pipeline import search as search_module
-    original = search_module.split_by_budget
+    from oaq_plugin.pipeline import layer_capture
+    original = layer_capture.split_by_budget
     groups_seen = []
 
     def spy(names, sizes, budget):
         groups = original(names, sizes, 1)
         groups_seen.append(len(groups))
         return groups
-    search_module.split_by_budget = spy
-    try:
-        search(other, batches, small_budget)
-    finally:
-        search_module.split_by_budget = original
+    monkeypatch.setattr(layer_capture, 'split_by_budget', spy)
+    search(other, batches, small_budget)
     assert groups_seen == [6]
     for (_, a), (_, b) in zip(qmodel.named_parameters(), other.named_parameters()):
         assert torch.equal(a, b)

@@ -29,6 +29,8 @@ from ..quant.region_grid import MIN_STEP
 FORMAT = 'oaq_plugin.quantized'
 FORMAT_VERSION = 1
 WEIGHT_KEY = 'module.weight'
+# A learned rounding is already in the stored codes; the loaded weight reproduces them by nearest rounding.
+ROUNDING_KEY = 'weight_quantizer.rounding'
 
 PathLike = Union[str, os.PathLike]
 
@@ -126,7 +128,7 @@ def _layer_entry(layer: QuantLayer) -> Dict[str, Any]:
     bits = layer.weight_quantizer.bits
     state, scalars = {}, {}
     for key, value in layer.state_dict().items():
-        if key == WEIGHT_KEY:
+        if key in (WEIGHT_KEY, ROUNDING_KEY):
             continue
         if value.dim() == 0 and value.dtype == torch.float32:
             # Python floats hold fp32 values exactly and spare the container a record per scalar.
@@ -375,5 +377,5 @@ def quantized_size_bytes(qmodel: nn.Module) -> int:
     total = _tensor_bytes(_float_state(qmodel, layers).values())
     for layer in layers.values():
         total += packed_num_bytes(layer.weight.numel(), layer.weight_quantizer.bits)
-        total += _tensor_bytes(v for k, v in layer.state_dict().items() if k != WEIGHT_KEY)
+        total += _tensor_bytes(v for k, v in layer.state_dict().items() if k not in (WEIGHT_KEY, ROUNDING_KEY))
     return total

@@ -102,7 +102,10 @@ def parameter_groups(qmodel: nn.Module) -> Dict[str, List[Tuple[str, nn.Paramete
     """The learnable quantizer parameters of SAFT, by group, named for messages."""
     groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}
     for name, layer in quant_layers(qmodel):
-        groups['weight_clip'].append((f'{name}.weight_quantizer.clip', layer.weight_quantizer.clip))
+        # A learned rounding holds for the clip it was learned with: moving the clip would shift the grid
+        # under its round-up flags, so such clips stay fixed.
+        if layer.weight_quantizer.rounding is None:
+            groups['weight_clip'].append((f'{name}.weight_quantizer.clip', layer.weight_quantizer.clip))
     # Those of layers and of attention-matmul operands alike.
     for name, quantizer in activation_quantizers(qmodel):
         groups['act_bounds'] += [(f'{name}.lower', quantizer.lower), (f'{name}.upper', quantizer.upper)]

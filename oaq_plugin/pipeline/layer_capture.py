@@ -8,12 +8,13 @@ seeded generator, so a float pass and a partly quantized pass cut the same windo
 from __future__ import annotations
 
 import zlib
-from typing import Dict, List, Optional, Sequence
+from typing import AbstractSet, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import NumericalError
+from ..quant.convert import modes_restored, set_mode
 from ..quant.layers import QuantLayer, quant_layers
 
 
@@ -165,3 +166,36 @@ def first_samples(batches: Sequence[torch.Tensor], count: int) -> Optional[torch
     if size is not None:
         samples = [s[..., :size, :size] for s in samples]
     return torch.stack(samples)
+
+
+def layer_input_windows(qmodel: nn.Module, samples: torch.Tensor, names: Sequence[str], window: int, seed: int,
+                        sequential: bool, memory_mb: int, skip: AbstractSet[str] = frozenset()
+                        ) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, inputs, float_inputs)`` for each named layer in turn, in the order of ``names``.
+
+    ``float_inputs`` are windows of the layer's input in the float network. ``inputs`` are the same windows
+    as the network being built sees them: with ``sequential``, every earlier layer of ``names`` runs
+    quantized (so the consumer's changes to them are seen); otherwise they are the float inputs. Float
+    captures are made for groups of layers that fit ``memory_mb``; layers in ``skip`` are passed over.
+    The layers' modes are restored when the iteration ends; close the iterator (``contextlib.closing``)
+    if the consumer may stop early.
+    """
+    example = samples[:1].to(next(qmodel.parameters()).device)
+    sizes = window_bytes(qmodel, example, names, window, int(samples.shape[0]))
+    budget = memory_mb * 2 ** 20 // (2 if sequential else 1)
+    layers = dict(quant_layers(qmodel))
+    with modes_restored(qmodel):
+        for group in split_by_budget(names, sizes, budget):
+            pending = [name for name in group if name not in skip]
+            if not pending:
+                continue
+            set_mode(qmodel, 'float')
+            float_inputs = capture_windows(qmodel, samples, pending, window, seed)
+            for name in pending:
+                if sequential:
+                    for earlier in names[:names.index(name)]:
+                        layers[earlier].set_mode('quant')
+                    inputs = capture_windows(qmodel, samples, [name], window, seed)[name]
+                else:
+                    inputs = float_inputs[name]
+                yield name, inputs, float_inputs.pop(name)

@@ -98,6 +98,7 @@ class RunReport:
             'datasets': {},
             'timings': {**{k: round(v, 3) for k, v in result.timings.items()}, 'validate_s': 0.0},
             'search': result.search.to_dict() if result.search is not None else None,
+            'rounding': result.rounding.to_dict() if result.rounding is not None else None,
             'finetune': result.finetune.to_dict() if result.finetune is not None else None,
             **(extra or {}),
         }

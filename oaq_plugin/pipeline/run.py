@@ -1,4 +1,4 @@
-"""The whole pipeline behind ``quantize``: convert -> calibrate -> search -> finetune."""
+"""The whole pipeline behind ``quantize``: convert -> calibrate -> search -> learned rounding -> finetune."""
 from __future__ import annotations
 
 import time
@@ -27,6 +27,7 @@ class PipelineResult:
     plans: List[LayerPlan]
     timings: Dict[str, float] = field(default_factory=dict)
     search: Optional[Any] = None
+    rounding: Optional[Any] = None
     finetune: Optional[Any] = None
 
 
@@ -66,7 +67,7 @@ def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConf
         finetune_source: Pool finetuning crops from (default: the calibration data).
         state_path: Makes the run interruptible (single process only): while it runs, SIGINT/SIGTERM (or
             ``stop``) stop it at the next safe point (between calibration batches, search layers,
-            finetuning iterations) after saving its state to this file, and :class:`Interrupted` is raised.
+            learned-rounding layers, finetuning iterations) after saving its state to this file, and :class:`Interrupted` is raised.
             The file is deleted when the run completes.
         resume: Continue from the state at ``state_path`` when there is one: the result is identical to
             an uninterrupted run's. A state saved with other options (other than ``kernel``, ``tile``,
@@ -104,6 +105,7 @@ class _Run:
         self.progress, self.calib_shard, self.checkpoint = progress, calib_shard, checkpoint
         self.timings: Dict[str, float] = {}
         self.search_report = None
+        self.rounding_report = None
         self.finetune_report = None
         self.qmodel: Optional[nn.Module] = None
         self.stage_start = time.perf_counter()
@@ -118,9 +120,10 @@ class _Run:
             if stage != 'done':
                 key = f'{stage}_s'
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - self.stage_start
+            reports = {'search': self.search_report, 'rounding': self.rounding_report,
+                       'finetune': self.finetune_report}
             return {'timings': timings,
-                    'search': self.search_report.to_dict() if self.search_report is not None else None,
-                    'finetune': self.finetune_report.to_dict() if self.finetune_report is not None else None}
+                    **{key: report.to_dict() if report is not None else None for key, report in reports.items()}}
         return lambda progress: self.checkpoint.check(self.qmodel, stage, progress, context)
 
     def _stage(self, name: str, saved: Optional[Dict[str, Any]]) -> Optional[dict]:
@@ -147,6 +150,9 @@ class _Run:
             if saved.get('search') is not None:
                 from .search import SearchReport
                 self.search_report = SearchReport.from_dict(saved['search'])
+            if saved.get('rounding') is not None:
+                from .learned_rounding import RoundingReport
+                self.rounding_report = RoundingReport.from_dict(saved['rounding'])
             if saved.get('finetune') is not None:
                 from .finetune import FinetuneReport
                 self.finetune_report = FinetuneReport.from_dict(saved['finetune'])
@@ -176,6 +182,17 @@ class _Run:
                                             (lambda report: point(lambda: {'report': report()})))
             self._finish('search')
 
+        progress = self._stage('rounding', saved)
+        if progress is not None:
+            if config.rounding.enabled:
+                from .learned_rounding import RoundingReport, learn_rounding
+                partial = RoundingReport.from_dict(progress['report']) if progress else None
+                point = self.safe_point('rounding')
+                self.rounding_report = learn_rounding(qmodel, batches, config, progress=self.progress, done=partial,
+                                                      safe_point=None if point is None else
+                                                      (lambda report: point(lambda: {'report': report()})))
+            self._finish('rounding')
+
         progress = self._stage('finetune', saved)
         if progress is not None:
             if config.finetune.enabled:
@@ -185,10 +202,11 @@ class _Run:
             self._finish('finetune')
 
         qmodel.eval()
-        for key in ('calibrate_s', 'search_s', 'finetune_s'):
+        for key in ('calibrate_s', 'search_s', 'rounding_s', 'finetune_s'):
             self.timings.setdefault(key, 0.0)
         return PipelineResult(model=qmodel, config=config, plans=list(qmodel.oaq_plans), timings=self.timings,
-                              search=self.search_report, finetune=self.finetune_report)
+                              search=self.search_report, rounding=self.rounding_report,
+                              finetune=self.finetune_report)
 
 
 def quantize(model: nn.Module, calib_batches: CalibrationData, config: Union[OAQConfig, dict, None] = None,

@@ -9,6 +9,7 @@ error, so the searched layer is never worse than its initialization on the captu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -21,12 +22,10 @@ from tqdm import tqdm
 from ..config import OAQConfig
 from ..errors import DataError
 from ..quant.activation import ActivationQuantizer
-from ..quant.convert import modes_restored, set_mode
 from ..quant.dual_region import DualRegionQuantizer
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.region_grid import RegionGrid
-from .layer_capture import (capture_windows, execution_order, first_samples, split_by_budget,
-                            window_bytes)
+from .layer_capture import execution_order, first_samples, layer_input_windows
 
 # Breakpoints are searched on a log scale between this fraction of max(|lower|, upper) and the full
 # range (where the quantizer becomes a plain uniform grid, which the search may then pick).
@@ -403,14 +402,10 @@ def search(qmodel: nn.Module, batches: Sequence[torch.Tensor], config: OAQConfig
     samples = first_samples(batches, settings.num_samples)
     if samples is None:
         raise DataError('the search needs calibration samples, and the calibration batches are empty')
-    device = next(qmodel.parameters()).device
     was_training = qmodel.training
     qmodel.eval()
-    example = samples[:1].to(device)
-    ordered = _searched_layers(qmodel, example)
+    ordered = _searched_layers(qmodel, samples[:1].to(next(qmodel.parameters()).device))
     names = [name for name, _ in ordered]
-    sizes = window_bytes(qmodel, example, names, settings.window, settings.num_samples)
-    budget = settings.memory_mb * 2 ** 20 // (2 if settings.sequential else 1)
     report = SearchReport(sequential=settings.sequential, num_samples=int(samples.shape[0]))
     previous_seconds = 0.0
     if done is not None:
@@ -420,33 +415,21 @@ def search(qmodel: nn.Module, batches: Sequence[torch.Tensor], config: OAQConfig
     layers = dict(ordered)
     bar = tqdm(total=len(names), initial=len(finished), desc='search', unit='layer', disable=not progress,
                leave=False)
-    # Quantized attention matmuls are not searched, but they too go to float while inputs are captured.
-    with modes_restored(qmodel):
-        try:
-            for group in split_by_budget(names, sizes, budget):
-                pending = [name for name in group if name not in finished]
-                if not pending:
-                    continue
-                set_mode(qmodel, 'float')
-                float_inputs = capture_windows(qmodel, samples, pending, settings.window, settings.seed)
-                for name in pending:
-                    if safe_point is not None:
-                        report.seconds = previous_seconds + time.perf_counter() - start_time
-                        safe_point(report.to_dict)
-                    layer = layers[name]
-                    if settings.sequential:
-                        # Earlier layers are already searched: this layer sees their quantization error.
-                        for earlier in names[:names.index(name)]:
-                            layers[earlier].set_mode('quant')
-                        inputs = capture_windows(qmodel, samples, [name], settings.window, settings.seed)[name]
-                    else:
-                        inputs = float_inputs[name]
-                    report.layers.append(_search_layer(name, layer, inputs, float_inputs.pop(name), config))
-                    bar.update(1)
-                    bar.set_postfix(layer=name, gain=f'{100 * report.layers[-1].reduction:.0f}%')
-        finally:
-            bar.close()
-            qmodel.train(was_training)
+    # Quantized attention matmuls are not searched; they too go to float while inputs are captured.
+    windows = layer_input_windows(qmodel, samples, names, settings.window, settings.seed, settings.sequential,
+                                  settings.memory_mb, skip=finished)
+    try:
+        with contextlib.closing(windows):
+            for name, inputs, float_inputs in windows:
+                if safe_point is not None:
+                    report.seconds = previous_seconds + time.perf_counter() - start_time
+                    safe_point(report.to_dict)
+                report.layers.append(_search_layer(name, layers[name], inputs, float_inputs, config))
+                bar.update(1)
+                bar.set_postfix(layer=name, gain=f'{100 * report.layers[-1].reduction:.0f}%')
+    finally:
+        bar.close()
+        qmodel.train(was_training)
     report.seconds = previous_seconds + time.perf_counter() - start_time
     return report
 

@@ -8,7 +8,7 @@ gathered from several processes give exactly what one process would have compute
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -43,25 +43,34 @@ class ObservedStats:
     num_batches: int
 
 
-def histogram_quantile(values: torch.Tensor, q: float, bins: int = HISTOGRAM_BINS) -> float:
-    """The ``q``-quantile (0..1) of ``values`` from a histogram, interpolated inside the bin.
+def histogram_quantiles(values: torch.Tensor, qs: Sequence[float], bins: int = HISTOGRAM_BINS) -> List[float]:
+    """The ``q``-quantiles (0..1) of ``values`` for each ``q`` of ``qs``, from one histogram, each
+    interpolated inside its bin.
 
     Memory is O(bins) beyond the input; exact up to a fraction of one bin width.
     """
     flat = values.detach().reshape(-1).float()
     low, high = float(flat.min()), float(flat.max())
     if high <= low:
-        return low
+        return [low for _ in qs]
     hist = torch.histc(flat, bins=bins, min=low, max=high).double()
     cdf = torch.cumsum(hist, 0)
-    target = q * float(cdf[-1])
-    target_tensor = torch.tensor([target], dtype=cdf.dtype, device=cdf.device)
-    position = int(torch.searchsorted(cdf, target_tensor).clamp(max=bins - 1))
-    before = float(cdf[position - 1]) if position > 0 else 0.0
-    inside = float(hist[position])
-    fraction = 0.0 if inside <= 0 else min(max((target - before) / inside, 0.0), 1.0)
     width = (high - low) / bins
-    return low + (position + fraction) * width
+    results = []
+    for q in qs:
+        target = q * float(cdf[-1])
+        target_tensor = torch.tensor([target], dtype=cdf.dtype, device=cdf.device)
+        position = int(torch.searchsorted(cdf, target_tensor).clamp(max=bins - 1))
+        before = float(cdf[position - 1]) if position > 0 else 0.0
+        inside = float(hist[position])
+        fraction = 0.0 if inside <= 0 else min(max((target - before) / inside, 0.0), 1.0)
+        results.append(low + (position + fraction) * width)
+    return results
+
+
+def histogram_quantile(values: torch.Tensor, q: float, bins: int = HISTOGRAM_BINS) -> float:
+    """The ``q``-quantile (0..1) of ``values`` from a histogram (see :func:`histogram_quantiles`)."""
+    return histogram_quantiles(values, [q], bins)[0]
 
 
 class ActivationObserver:
@@ -93,12 +102,14 @@ class ActivationObserver:
             std = per_sample.std(dim=1, unbiased=False)
         else:
             std = torch.zeros(per_sample.shape[0], device=x.device)
+        # Both signed quantiles come from one histogram.
+        quantile_low, quantile_high = histogram_quantiles(x, [1.0 - q, q])
         self.records.append(BatchStats(
             index=index,
             minimum=float(x.min()),
             maximum=float(x.max()),
-            quantile_low=histogram_quantile(x, 1.0 - q),
-            quantile_high=histogram_quantile(x, q),
+            quantile_low=quantile_low,
+            quantile_high=quantile_high,
             quantile_abs=histogram_quantile(x.abs(), q),
             std_sum=float(std.sum()),
             num_samples=int(per_sample.shape[0]),

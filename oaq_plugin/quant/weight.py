@@ -1,6 +1,8 @@
 """The weight quantizer of METHOD.md §4: symmetric uniform grid with a learnable clip ``u_w``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -18,6 +20,9 @@ class WeightQuantizer(nn.Module):
     ``paper`` grid: 2^b levels on ``[-u_w, u_w]`` (zero is not a level for even counts, as in the paper).
     ``zero`` grid: 2^b - 1 levels ``k * u_w / (2^(b-1) - 1)`` that include zero.
     Either way a weight decodes as ``(code - zero_point) * step`` with an unsigned integer ``code``.
+
+    Codes round to nearest, unless a learned rounding is set (:meth:`set_rounding`, the learned-rounding
+    stage): then each weight's code is the floor of its grid position plus its own 0/1 flag.
 
     Args:
         bits: Weight bits b.
@@ -37,6 +42,8 @@ class WeightQuantizer(nn.Module):
         self.channel_axis = channel_axis
         self.grid_kind = grid
         self.clip = nn.Parameter(torch.tensor(1.0))
+        # Learned rounding: per weight, 1 rounds the grid position up, 0 down; ``None``: round to nearest.
+        self.register_buffer('rounding', None)
 
     @property
     def num_levels(self) -> int:
@@ -61,12 +68,21 @@ class WeightQuantizer(nn.Module):
     def step(self, clip: torch.Tensor) -> torch.Tensor:
         return torch.clamp(2 * clip / (self.num_levels - 1), min=MIN_STEP)
 
+    def grid_position(self, weight: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        """The unrounded code of each weight under ``clip`` (in ``[0, num_levels - 1]``)."""
+        return (torch.clamp(weight, -clip, clip) + clip) / self.step(clip)
+
+    def _round(self, position: torch.Tensor) -> torch.Tensor:
+        if self.rounding is None:
+            return round_ste(position)
+        code = torch.clamp(torch.floor(position) + self.rounding, 0, self.num_levels - 1)
+        return position + (code - position).detach()
+
     def quantize_with(self, weight: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
         """Fake-quantize with a given clip (straight-through rounding; gradients reach ``clip``)."""
         clip = torch.clamp(clip, min=MIN_STEP)
-        step = self.step(clip)
-        code = round_ste((torch.clamp(weight, -clip, clip) + clip) / step)
-        return (code - self.zero_point) * step
+        code = self._round(self.grid_position(weight, clip))
+        return (code - self.zero_point) * self.step(clip)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return self.quantize_with(weight, self.clip)
@@ -96,9 +112,22 @@ class WeightQuantizer(nn.Module):
     def integer_codes(self, weight: torch.Tensor) -> tuple:
         """``(codes uint8, step, zero_point)`` with ``weight_q = (codes - zero_point) * step``."""
         clip = torch.clamp(self.clip, min=MIN_STEP)
-        step = self.step(clip)
-        codes = torch.round((torch.clamp(weight, -clip, clip) + clip) / step)
-        return codes.to(torch.uint8), step.detach().clone(), self.zero_point
+        codes = self._round(self.grid_position(weight, clip))
+        return codes.to(torch.uint8), self.step(clip).detach().clone(), self.zero_point
+
+    @torch.no_grad()
+    def set_rounding(self, rounding: Optional[torch.Tensor]) -> None:
+        """Fix each weight's rounding direction (0/1 tensor of the weight's shape), or ``None`` for nearest."""
+        self.rounding = None if rounding is None else rounding.detach().to(torch.uint8).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A learned rounding in the state (a resume state, a saved model) is taken even by a quantizer
+        # built without one; a state without it leaves rounding to nearest.
+        key = prefix + 'rounding'
+        self.rounding = state_dict[key].detach().clone() if key in state_dict else None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def describe(self) -> dict:
         clip = self.clip.detach().reshape(-1)
