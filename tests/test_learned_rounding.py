@@ -149,3 +149,28 @@ def test_rounding_stage_stopped_resumes_to_identical_parameters(tmp_path):
     assert_same_result(resumed, reference)
     assert [layer.to_dict() for layer in resumed.rounding.layers] == [layer.to_dict()
                                                                       for layer in reference.rounding.layers]
+
+
+class TokenMLP(torch.nn.Module):
+    """Linear layers on the pixels of an image, as a transformer's MLP runs on tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(3, 16)
+        self.fc2 = torch.nn.Linear(16, 16)
+        self.fc3 = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        tokens = x.permute(0, 2, 3, 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(tokens))))).permute(0, 3, 1, 2)
+
+
+def test_linear_layers_learn_their_rounding_on_token_windows():
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    batches = PatchSource(tiny_images()).batches(2, 4, 12, seed=1)
+    options = {**OPTIONS, 'w_bits': 3, 'rounding': {**ROUNDING, 'iterations': 100}}
+    result = run_pipeline(model, batches, options)
+    report = {layer.name: layer for layer in result.rounding.layers}
+    assert set(report) == {'fc1', 'fc2', 'fc3'}
+    assert report['fc2'].kept and report['fc2'].error_learned < report['fc2'].error_nearest

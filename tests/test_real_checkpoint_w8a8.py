@@ -3,7 +3,7 @@
 The target is a cost of at most 0.1 dB PSNR-Y on Set5 (IMDN x4). Calibration as the defaults (6 batches of 16
 SunHays80 crops of 96 px), search on, finetuning off, and weights on the grid that includes zero
 (``weight_grid: zero``), which held-out SunHays80 crops preferred (fidelity 51.43 vs 51.06 dB with the paper
-grid, ``tools/w8a8_breakdown.py``). Measured on Set5: 32.21 -> 32.16 (0.05 dB); with the paper grid 0.10 dB,
+grid, ``tools/heldout_fidelity.py``). Measured on Set5: 32.21 -> 32.16 (0.05 dB); with the paper grid 0.10 dB,
 without the search 0.27 dB.
 """
 from __future__ import annotations

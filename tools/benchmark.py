@@ -44,6 +44,11 @@ RUNGS = {
     'dual_search': ('W4A4 dual-region + search', {}),
     'dual_search_vft': ('W4A4 dual-region + search + vanilla FT', {'finetune': {**_FT, 'mode': 'vanilla'}}),
     'full': ('W4A4 full method (dual-region + search + SAFT)', {'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'full_rounding': ('W4A4 full method + learned rounding (beyond the paper)',
+                      {'rounding': {'enabled': True}, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'full_rounding_zero': ('W4A4 full method + learned rounding + zero-level weight grid (beyond the paper)',
+                           {'weight_grid': 'zero', 'rounding': {'enabled': True},
+                            'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_w8a8': ('W8A8 full method', {'w_bits': 8, 'a_bits': 8, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_w6a6': ('W6A6 full method', {'w_bits': 6, 'a_bits': 6, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_w3a3': ('W3A3 full method', {'w_bits': 3, 'a_bits': 3, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
@@ -190,6 +195,11 @@ def run_worker(spec: dict) -> dict:
         if result.search is not None:
             data = result.search.to_dict()
             record['search'] = {k: data[k] for k in ('relative_error_initial', 'relative_error_searched') if k in data}
+        if result.rounding is not None:
+            data = result.rounding.to_dict()
+            record['rounding'] = {k: data[k] for k in ('relative_error_nearest', 'relative_error_learned')}
+            record['rounding']['layers_kept'] = sum(layer['kept'] for layer in data['layers'])
+            record['rounding']['layers'] = len(data['layers'])
     record['peak_rss_mb'] = peak_rss_mb()
     record['model_rss_mb'] = base_rss
     return record
@@ -234,7 +244,7 @@ def markdown(payload: dict) -> List[str]:
              f"{payload['ft_patch'] or 'the default size (96)'}, batch 2; calibration: 6 batches of 16 crops (96 px).",
              '']
     header = '| model | configuration | ' + ' | '.join(f'{s} PSNR / SSIM | {s} dE | {s} fidelity' for s in sets) + \
-        ' | calib s | search s | FT s (iters, student/FP iter) | peak RSS MiB |'
+        ' | calib s | search s | rounding s | FT s (iters, student/FP iter) | peak RSS MiB |'
     lines += [header, '|' + '---|' * (header.count('|') - 1)]
     for r in payload['records']:
         if 'error' in r:
@@ -250,8 +260,9 @@ def markdown(payload: dict) -> List[str]:
         ft_cell = f"{t.get('finetune_s', 0):.0f} ({ft['iterations']}, {ft['student_vs_fp']:.2f}x)" if ft else ''
         calib = f"{t['calibrate_s']:.0f}" if 'calibrate_s' in t else ''
         search = f"{t['search_s']:.0f}" if t.get('search_s') else ''
+        rounding = f"{t['rounding_s']:.0f}" if t.get('rounding_s') else ''
         lines.append(f"| {r['model']} | {r['label']} | " + ' | '.join(cells) +
-                     f" | {calib} | {search} | {ft_cell} | {r['peak_rss_mb']:.0f} |")
+                     f" | {calib} | {search} | {rounding} | {ft_cell} | {r['peak_rss_mb']:.0f} |")
     return lines
 
 

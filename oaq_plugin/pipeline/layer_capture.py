@@ -40,13 +40,18 @@ def execution_order(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
     return order
 
 
-def cut_window(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def takes_tokens(layer: QuantLayer) -> bool:
+    """Whether the layer reads its input as rows of features (Linear), whatever the input's rank."""
+    return isinstance(layer.module, nn.Linear)
+
+
+def cut_window(x: torch.Tensor, size: int, generator: torch.Generator, tokens: bool = False) -> torch.Tensor:
     """A random ``size`` x ``size`` spatial window per sample of an (N, C, H, W) input.
 
-    Other inputs (tokens of a Linear layer) are flattened to rows and ``size * size`` rows per sample
-    are kept at random.
+    Token inputs (``tokens``, or any input that is not 4-D) are flattened to rows of their last dimension
+    and ``size * size`` rows per sample are kept at random.
     """
-    if x.dim() == 4:
+    if x.dim() == 4 and not tokens:
         height, width = x.shape[-2:]
         h, w = min(size, height), min(size, width)
         windows = []
@@ -87,7 +92,7 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
                 raise NumericalError(f"non-finite values (NaN/Inf) in the input of layer '{name}' during the "
                                      'search; check the calibration inputs and the quantizer parameters')
             if name in pending:
-                pieces[name].append(cut_window(x, window, generators[name]).float().cpu())
+                pieces[name].append(cut_window(x, window, generators[name], takes_tokens(module)).float().cpu())
                 pending.discard(name)
                 if not pending:
                     raise _StopForward
@@ -120,7 +125,7 @@ def window_bytes(qmodel: nn.Module, example: torch.Tensor, names: Sequence[str],
 
         def hook(module, args, name=name):
             x = args[0]
-            if x.dim() == 4:
+            if x.dim() == 4 and not takes_tokens(module):
                 per_sample = x.shape[1] * min(window, x.shape[-2]) * min(window, x.shape[-1])
             else:
                 per_sample = window * window * x.shape[-1]

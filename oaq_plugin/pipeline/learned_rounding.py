@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -101,7 +101,7 @@ class RoundingReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> 'RoundingReport':
-        names = [f for f in LayerRounding.__dataclass_fields__]
+        names = [f.name for f in fields(LayerRounding)]
         return cls(layers=[LayerRounding(**{n: layer[n] for n in names}) for layer in data['layers']],
                    seconds=data['seconds'])
 
@@ -135,7 +135,9 @@ def learn_layer_rounding(name: str, layer: QuantLayer, inputs: torch.Tensor, flo
     optimizer = torch.optim.Adam([variables], lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + zlib.crc32(name.encode()))
     count = quantized_inputs.shape[0]
-    batch = min(settings.batch_size, count)
+    # Convolution inputs are (windows, C, h, w); token inputs (Linear) are rows, window^2 per sample.
+    per_sample = 1 if quantized_inputs.dim() == 4 else settings.window ** 2
+    batch = min(settings.batch_size * per_sample, count)
     top = quantizer.num_levels - 1
     with torch.enable_grad():
         for iteration in range(settings.iterations):

@@ -1,13 +1,14 @@
-"""Where W8A8 loses quality on a zoo model: weights only, activations only, and option variants.
+"""Held-out fidelity of quantized zoo models: option variants, and weights-only / activations-only splits.
 
 Usage::
 
-    python tools/w8a8_breakdown.py [--model imdn_x4] ["{python dict of oaq overrides}" ...]
+    python tools/heldout_fidelity.py [--model imdn_x4] ["{python dict of oaq overrides}" ...]
 
 Calibrates on the first 60 SunHays80 LR images (6 batches of 16 crops, 96 px) and measures fidelity
 PSNR-Y (crop = scale) of the quantized output against the float output on 128-px centre crops of the
 other 20 SunHays80 images: a held-out signal, so option choices made with it never see a test set.
-Each variant is W8A8 with the search disabled unless the overrides say otherwise.
+Each variant is W8A8 with the search disabled unless the overrides say otherwise (e.g.
+``"{'w_bits': 4, 'a_bits': 4, 'search': {'enabled': True}}"``).
 """
 from __future__ import annotations
 
