@@ -197,3 +197,36 @@ def test_real_checkpoint_search_covers_every_layer(shared):
         assert data['relative_error_searched'] < data['relative_error_initial']
         with torch.no_grad():
             assert torch.isfinite(qmodel(batch[:1])).all()
+
+
+class SharedBlock(nn.Module):
+    """One conv run twice a forward (as CARN-M shares its residual block along the cascade)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        f = self.head(x)
+        return self.tail(self.shared(torch.relu(self.shared(f))) * 4.0)
+
+
+def test_a_layer_run_twice_is_captured_on_both_calls():
+    from oaq_plugin.pipeline.layer_capture import call_counts
+    model = SharedBlock().eval()
+    batches = [torch.rand(4, 3, 12, 12) for _ in range(2)]
+    config = OAQConfig.from_dict({'search': SMALL})
+    qmodel = convert(model, config, batches[0][:1])
+    calls = call_counts(qmodel, batches[0][:1])
+    assert calls == {'head': 1, 'shared': 2, 'tail': 1}
+    set_mode(qmodel, 'float')
+    seen = []
+    handle = dict(quant_layers(qmodel))['shared'].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    captured = capture_windows(qmodel, batches[0], ['shared', 'tail'], 12, 0, calls=calls)
+    handle.remove()
+    # Windows as large as the input: the capture is the whole input of each call, in call order.
+    assert captured['shared'].shape[0] == 8 and captured['tail'].shape[0] == 4
+    assert torch.equal(captured['shared'], torch.cat(seen))

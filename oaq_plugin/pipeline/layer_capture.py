@@ -8,7 +8,7 @@ seeded generator, so a float pass and a partly quantized pass cut the same windo
 from __future__ import annotations
 
 import zlib
-from typing import AbstractSet, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -45,6 +45,23 @@ def takes_tokens(layer: QuantLayer) -> bool:
     return isinstance(layer.module, nn.Linear)
 
 
+def call_counts(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, int]:
+    """How many times each quantized layer runs in one forward of ``example`` (shared layers run more)."""
+    counts: Dict[str, int] = {}
+    handles = []
+    for name, layer in quant_layers(qmodel):
+        def hook(module, inputs, name=name):
+            counts[name] = counts.get(name, 0) + 1
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            qmodel(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
 def cut_window(x: torch.Tensor, size: int, generator: torch.Generator, tokens: bool = False) -> torch.Tensor:
     """A random ``size`` x ``size`` spatial window per sample of an (N, C, H, W) input.
 
@@ -67,12 +84,14 @@ def cut_window(x: torch.Tensor, size: int, generator: torch.Generator, tokens: b
 
 
 def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str], window: int, seed: int,
-                    chunk: int = 4) -> Dict[str, torch.Tensor]:
+                    chunk: int = 4, calls: Optional[Mapping[str, int]] = None) -> Dict[str, torch.Tensor]:
     """Run ``qmodel`` on ``inputs`` (in chunks) and keep a window of each named layer's input.
 
-    The layers' modes are left as the caller set them (float, quant), so the same call captures
-    float inputs or the inputs of a partly quantized network. The forward pass stops after the last
-    named layer has run on the last chunk.
+    A layer that runs several times a forward (a block shared along a cascade) gives windows of every
+    call, since its quantizers serve them all; ``calls`` (from :func:`call_counts`, measured here when not
+    given) says how many. The layers' modes are left as the caller set them (float, quant), so the same call
+    captures float inputs or the inputs of a partly quantized network. The forward pass stops once every
+    named layer has run all its calls on the last chunk.
     """
     wanted = set(names)
     layers = {name: layer for name, layer in quant_layers(qmodel) if name in wanted}
@@ -83,7 +102,10 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
     # Seeded by name, so that a capture of one layer cuts the same windows as a capture of many.
     generators = {name: torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                   for name in layers}
-    pending = set(layers)
+    if calls is None:
+        calls = call_counts(qmodel, inputs[:1].to(next(iter(layers.values())).weight.device))
+    expected = {name: max(1, calls.get(name, 1)) for name in layers}
+    pending: Dict[str, int] = {}
 
     def make_hook(name: str):
         def hook(module: QuantLayer, args):
@@ -91,10 +113,10 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
             if not torch.isfinite(x).all():
                 raise NumericalError(f"non-finite values (NaN/Inf) in the input of layer '{name}' during the "
                                      'search; check the calibration inputs and the quantizer parameters')
-            if name in pending:
+            if pending.get(name, 0) > 0:
                 pieces[name].append(cut_window(x, window, generators[name], takes_tokens(module)).float().cpu())
-                pending.discard(name)
-                if not pending:
+                pending[name] -= 1
+                if not any(pending.values()):
                     raise _StopForward
         return hook
 
@@ -103,7 +125,7 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
     try:
         with torch.no_grad():
             for start in range(0, inputs.shape[0], chunk):
-                pending.update(layers)
+                pending.update(expected)
                 try:
                     qmodel(inputs[start:start + chunk].to(device))
                 except _StopForward:
@@ -186,7 +208,9 @@ def layer_input_windows(qmodel: nn.Module, samples: torch.Tensor, names: Sequenc
     if the consumer may stop early.
     """
     example = samples[:1].to(next(qmodel.parameters()).device)
-    sizes = window_bytes(qmodel, example, names, window, int(samples.shape[0]))
+    calls = call_counts(qmodel, example)
+    sizes = {name: size * calls.get(name, 1)
+             for name, size in window_bytes(qmodel, example, names, window, int(samples.shape[0])).items()}
     budget = memory_mb * 2 ** 20 // (2 if sequential else 1)
     layers = dict(quant_layers(qmodel))
     with modes_restored(qmodel):
@@ -195,12 +219,12 @@ def layer_input_windows(qmodel: nn.Module, samples: torch.Tensor, names: Sequenc
             if not pending:
                 continue
             set_mode(qmodel, 'float')
-            float_inputs = capture_windows(qmodel, samples, pending, window, seed)
+            float_inputs = capture_windows(qmodel, samples, pending, window, seed, calls=calls)
             for name in pending:
                 if sequential:
                     for earlier in names[:names.index(name)]:
                         layers[earlier].set_mode('quant')
-                    inputs = capture_windows(qmodel, samples, [name], window, seed)[name]
+                    inputs = capture_windows(qmodel, samples, [name], window, seed, calls=calls)[name]
                 else:
                     inputs = float_inputs[name]
                 yield name, inputs, float_inputs.pop(name)
