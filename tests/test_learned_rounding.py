@@ -174,3 +174,14 @@ def test_linear_layers_learn_their_rounding_on_token_windows():
     report = {layer.name: layer for layer in result.rounding.layers}
     assert set(report) == {'fc1', 'fc2', 'fc3'}
     assert report['fc2'].kept and report['fc2'].error_learned < report['fc2'].error_nearest
+
+
+def test_sensitivity_at_other_bits_rounds_to_nearest_and_restores_the_flags():
+    from oaq_plugin.pipeline.sensitivity import layer_bits
+    _, qmodel, _, _, _ = calibrated_tiny()
+    layer = dict(quant_layers(qmodel))['block1.conv1']
+    flags = torch.ones_like(layer.weight, dtype=torch.uint8)
+    layer.weight_quantizer.set_rounding(flags)
+    with layer_bits(layer, 8):
+        assert layer.weight_quantizer.rounding is None and layer.weight_quantizer.bits == 8
+    assert torch.equal(layer.weight_quantizer.rounding, flags) and layer.weight_quantizer.bits == 4

@@ -148,13 +148,16 @@ def layer_bits(layer: QuantLayer, bits: Optional[int]) -> Iterator[None]:
         yield
         return
     wq, aq = layer.weight_quantizer, layer.act_quantizer
-    saved = (wq.bits, aq.bits, wq.clip.detach().clone())
+    saved = (wq.bits, aq.bits, wq.clip.detach().clone(), wq.rounding)
     try:
         wq.bits = aq.bits = int(bits)
+        # A learned rounding belongs to the width and clip it was learned for: round to nearest meanwhile.
+        wq.set_rounding(None)
         wq.initialize(layer.weight)
         yield
     finally:
         wq.bits, aq.bits = saved[0], saved[1]
+        wq.set_rounding(saved[3])
         with torch.no_grad():
             wq.clip = nn.Parameter(saved[2], requires_grad=False)
 
