@@ -44,6 +44,8 @@ RUNGS = {
     'dual_search': ('W4A4 dual-region + search', {}),
     'dual_search_vft': ('W4A4 dual-region + search + vanilla FT', {'finetune': {**_FT, 'mode': 'vanilla'}}),
     'full': ('W4A4 full method (dual-region + search + SAFT)', {'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'dual_search_rounding': ('W4A4 dual-region + search + learned rounding (beyond the paper)',
+                             {'rounding': {'enabled': True}}),
     'full_rounding': ('W4A4 full method + learned rounding (beyond the paper)',
                       {'rounding': {'enabled': True}, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_rounding_zero': ('W4A4 full method + learned rounding + zero-level weight grid (beyond the paper)',
