@@ -24,20 +24,7 @@ class _StopForward(Exception):
 
 def execution_order(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
     """Names of the quantized layers in the order they first run on ``example``."""
-    order: List[str] = []
-    handles = []
-    for name, layer in quant_layers(qmodel):
-        def hook(module, inputs, name=name):
-            if name not in order:
-                order.append(name)
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            qmodel(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
+    return list(call_counts(qmodel, example))
 
 
 def takes_tokens(layer: QuantLayer) -> bool:
@@ -46,7 +33,8 @@ def takes_tokens(layer: QuantLayer) -> bool:
 
 
 def call_counts(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, int]:
-    """How many times each quantized layer runs in one forward of ``example`` (shared layers run more)."""
+    """How many times each quantized layer runs in one forward of ``example`` (shared layers run more),
+    keyed in the order the layers first run."""
     counts: Dict[str, int] = {}
     handles = []
     for name, layer in quant_layers(qmodel):
@@ -138,7 +126,7 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
 
 def window_bytes(qmodel: nn.Module, example: torch.Tensor, names: Sequence[str], window: int,
                  num_samples: int) -> Dict[str, int]:
-    """Bytes one captured window set of each layer takes for ``num_samples`` samples."""
+    """Bytes the captured windows of each layer take for ``num_samples`` samples, over all its calls."""
     sizes: Dict[str, int] = {}
     handles = []
     for name, layer in quant_layers(qmodel):
@@ -151,7 +139,7 @@ def window_bytes(qmodel: nn.Module, example: torch.Tensor, names: Sequence[str],
                 per_sample = x.shape[1] * min(window, x.shape[-2]) * min(window, x.shape[-1])
             else:
                 per_sample = window * window * x.shape[-1]
-            sizes[name] = per_sample * num_samples * 4
+            sizes[name] = sizes.get(name, 0) + per_sample * num_samples * 4
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -209,8 +197,7 @@ def layer_input_windows(qmodel: nn.Module, samples: torch.Tensor, names: Sequenc
     """
     example = samples[:1].to(next(qmodel.parameters()).device)
     calls = call_counts(qmodel, example)
-    sizes = {name: size * calls.get(name, 1)
-             for name, size in window_bytes(qmodel, example, names, window, int(samples.shape[0])).items()}
+    sizes = window_bytes(qmodel, example, names, window, int(samples.shape[0]))
     budget = memory_mb * 2 ** 20 // (2 if sequential else 1)
     layers = dict(quant_layers(qmodel))
     with modes_restored(qmodel):

@@ -27,7 +27,7 @@ from ..errors import DataError, NumericalError
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.region_grid import MIN_STEP
 from .layer_capture import execution_order, first_samples, layer_input_windows
-from .search import LayerProblem
+from .search import LayerProblem, relative_error
 
 # The stretched sigmoid of AdaRound: h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1).
 ZETA, GAMMA = 1.1, -0.1
@@ -93,8 +93,8 @@ class RoundingReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        nearest = sum(layer.error_nearest / max(layer.output_energy, 1e-12) for layer in self.layers)
-        kept = sum((layer.error_learned if layer.kept else layer.error_nearest) / max(layer.output_energy, 1e-12)
+        nearest = sum(relative_error(layer.error_nearest, layer.output_energy) for layer in self.layers)
+        kept = sum(relative_error(layer.error_learned if layer.kept else layer.error_nearest, layer.output_energy)
                    for layer in self.layers)
         return {'seconds': self.seconds, 'relative_error_nearest': nearest, 'relative_error_learned': kept,
                 'layers': [layer.to_dict() for layer in self.layers]}
@@ -130,7 +130,6 @@ def learn_layer_rounding(name: str, layer: QuantLayer, inputs: torch.Tensor, flo
         step = quantizer.step(clip)
         position = quantizer.grid_position(weight, clip)
         floor = torch.floor(position)
-    energy = max(problem.output_energy, 1e-12)
     variables = nn.Parameter(initial_variables(position - floor))
     optimizer = torch.optim.Adam([variables], lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -145,7 +144,7 @@ def learn_layer_rounding(name: str, layer: QuantLayer, inputs: torch.Tensor, flo
             choice = soft_choice(variables)
             soft_weight = (torch.clamp(floor + choice, 0, top) - quantizer.zero_point) * step
             out = layer.float_op(quantized_inputs[picks], soft_weight)
-            loss = (out - problem.target[picks]).pow(2).mean() / energy
+            loss = relative_error((out - problem.target[picks]).pow(2).mean(), problem.output_energy)
             beta = beta_at(iteration, settings.iterations, settings.warmup)
             if beta is not None:
                 loss = loss + settings.reg_weight * regulariser(choice, beta)

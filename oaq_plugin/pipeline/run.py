@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -140,6 +140,16 @@ class _Run:
         key = f'{name}_s'
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - self.stage_start
 
+    def _layer_by_layer(self, stage: str, progress: dict, stage_fn: Callable[..., Any], report_type: type) -> Any:
+        """Run a stage that works layer by layer (search, learned rounding), going on from its saved report.
+
+        Its safe points save the report so far as the stage's progress.
+        """
+        partial = report_type.from_dict(progress['report']) if progress else None
+        point = self.safe_point(stage)
+        return stage_fn(self.qmodel, self.batches, self.config, progress=self.progress, done=partial,
+                        safe_point=None if point is None else (lambda report: point(lambda: {'report': report()})))
+
     def run(self, example: torch.Tensor, saved: Optional[Dict[str, Any]] = None) -> PipelineResult:
         config, batches = self.config, self.batches
         start = time.perf_counter()
@@ -175,22 +185,14 @@ class _Run:
         if progress is not None:
             if config.search.enabled:
                 from .search import SearchReport, search
-                partial = SearchReport.from_dict(progress['report']) if progress else None
-                point = self.safe_point('search')
-                self.search_report = search(qmodel, batches, config, progress=self.progress, done=partial,
-                                            safe_point=None if point is None else
-                                            (lambda report: point(lambda: {'report': report()})))
+                self.search_report = self._layer_by_layer('search', progress, search, SearchReport)
             self._finish('search')
 
         progress = self._stage('rounding', saved)
         if progress is not None:
             if config.rounding.enabled:
                 from .learned_rounding import RoundingReport, learn_rounding
-                partial = RoundingReport.from_dict(progress['report']) if progress else None
-                point = self.safe_point('rounding')
-                self.rounding_report = learn_rounding(qmodel, batches, config, progress=self.progress, done=partial,
-                                                      safe_point=None if point is None else
-                                                      (lambda report: point(lambda: {'report': report()})))
+                self.rounding_report = self._layer_by_layer('rounding', progress, learn_rounding, RoundingReport)
             self._finish('rounding')
 
         progress = self._stage('finetune', saved)

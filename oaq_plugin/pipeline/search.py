@@ -39,6 +39,15 @@ WEIGHT_CLIP_MIN_RATIO = 0.2
 LEVEL_SPLIT_TAIL_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16)
 
 
+# Output energies below this count as this when errors are made relative to them (all-zero outputs).
+MIN_OUTPUT_ENERGY = 1e-12
+
+
+def relative_error(error, output_energy: float):
+    """A layer's output error (a float or a tensor) relative to the energy of its float output."""
+    return error / max(output_energy, MIN_OUTPUT_ENERGY)
+
+
 @dataclass
 class LayerSearch:
     """Initial and searched parameters of one layer, and its output error before and after."""
@@ -76,8 +85,8 @@ class SearchReport:
     num_samples: int = 0
 
     def to_dict(self) -> dict:
-        initial = sum(layer.error_initial / max(layer.output_energy, 1e-12) for layer in self.layers)
-        searched = sum(layer.error_searched / max(layer.output_energy, 1e-12) for layer in self.layers)
+        initial = sum(relative_error(layer.error_initial, layer.output_energy) for layer in self.layers)
+        searched = sum(relative_error(layer.error_searched, layer.output_energy) for layer in self.layers)
         return {
             'seconds': self.seconds,
             'sequential': self.sequential,
