@@ -145,6 +145,50 @@ class RoundingConfig:
 
 
 @dataclass
+class ReconstructionConfig:
+    """Block reconstruction (BRECQ/QDrop-style), block by block after the search; beyond the paper.
+
+    The network is cut into blocks (a module with at most ``max_layers`` quantized layers; a larger one is
+    cut into its children) and each block, in execution order and on the inputs it sees with the earlier
+    blocks quantized, learns its weights' rounding and its activation quantizers' bounds and breakpoints
+    so that its output matches the float block's.
+
+    Args:
+        enabled: Run the stage.
+        max_layers: The most quantized layers a block may hold.
+        iterations: Adam steps per block.
+        lr: Adam learning rate of the rounding variables.
+        act_lr: Adam learning rate of each activation bound and breakpoint, times its initial magnitude.
+        reg_weight: Weight of the rounding regulariser (a mean in [0, 1]) against the block's output error
+            divided by its output energy.
+        warmup: Fraction of the iterations without the regulariser.
+        drop_prob: While learning, the fraction of each activation quantizer's input values passed
+            unquantized (at random, each step).
+        rounding: Learn the weights' rounding.
+        activations: Learn the activation quantizers' bounds and breakpoints.
+        num_samples: Calibration patches whose block inputs and outputs are captured.
+        patch_size: Side of the (top-left) part of each patch that is used.
+        batch_size: Patches per Adam step (drawn at random from the ``num_samples``).
+        seed: Seed of the batches and of the unquantized values.
+    """
+
+    enabled: bool = False
+    max_layers: int = field(default=16, metadata=_range(1))
+    iterations: int = field(default=250, metadata=_range(1))
+    lr: float = field(default=1e-2, metadata=_range(0.0))
+    act_lr: float = field(default=1e-2, metadata=_range(0.0))
+    reg_weight: float = field(default=0.1, metadata=_range(0.0))
+    warmup: float = field(default=0.2, metadata=_range(0.0, 1.0))
+    drop_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    rounding: bool = True
+    activations: bool = True
+    num_samples: int = field(default=32, metadata=_range(1))
+    patch_size: int = field(default=48, metadata=_range(4))
+    batch_size: int = field(default=4, metadata=_range(1))
+    seed: int = 0
+
+
+@dataclass
 class FinetuneConfig:
     """Sensitivity-aware finetuning (METHOD.md §6-7).
 
@@ -270,6 +314,7 @@ class OAQConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tile: TileConfig = field(default_factory=TileConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)

@@ -51,6 +51,10 @@ RUNGS = {
     'full_rounding_zero': ('W4A4 full method + learned rounding + zero-level weight grid (beyond the paper)',
                            {'weight_grid': 'zero', 'rounding': {'enabled': True},
                             'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'dual_search_recon': ('W4A4 dual-region + search + block reconstruction (beyond the paper)',
+                          {'reconstruction': {'enabled': True}}),
+    'full_recon': ('W4A4 full method + block reconstruction (beyond the paper)',
+                   {'reconstruction': {'enabled': True}, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_w8a8': ('W8A8 full method', {'w_bits': 8, 'a_bits': 8, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_w6a6': ('W6A6 full method', {'w_bits': 6, 'a_bits': 6, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_w3a3': ('W3A3 full method', {'w_bits': 3, 'a_bits': 3, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
@@ -202,6 +206,11 @@ def run_worker(spec: dict) -> dict:
             record['rounding'] = {k: data[k] for k in ('relative_error_nearest', 'relative_error_learned')}
             record['rounding']['layers_kept'] = sum(layer['kept'] for layer in data['layers'])
             record['rounding']['layers'] = len(data['layers'])
+        if result.reconstruction is not None:
+            data = result.reconstruction.to_dict()
+            record['reconstruction'] = {k: data[k] for k in ('relative_error_before', 'relative_error_after')}
+            record['reconstruction']['blocks_kept'] = sum(block['kept'] for block in data['blocks'])
+            record['reconstruction']['blocks'] = len(data['blocks'])
     record['peak_rss_mb'] = peak_rss_mb()
     record['model_rss_mb'] = base_rss
     return record
@@ -246,7 +255,7 @@ def markdown(payload: dict) -> List[str]:
              f"{payload['ft_patch'] or 'the default size (96)'}, batch 2; calibration: 6 batches of 16 crops (96 px).",
              '']
     header = '| model | configuration | ' + ' | '.join(f'{s} PSNR / SSIM | {s} dE | {s} fidelity' for s in sets) + \
-        ' | calib s | search s | rounding s | FT s (iters, student/FP iter) | peak RSS MiB |'
+        ' | calib s | search s | rounding s | reconstruction s | FT s (iters, student/FP iter) | peak RSS MiB |'
     lines += [header, '|' + '---|' * (header.count('|') - 1)]
     for r in payload['records']:
         if 'error' in r:
@@ -263,8 +272,9 @@ def markdown(payload: dict) -> List[str]:
         calib = f"{t['calibrate_s']:.0f}" if 'calibrate_s' in t else ''
         search = f"{t['search_s']:.0f}" if t.get('search_s') else ''
         rounding = f"{t['rounding_s']:.0f}" if t.get('rounding_s') else ''
+        reconstruction = f"{t['reconstruction_s']:.0f}" if t.get('reconstruction_s') else ''
         lines.append(f"| {r['model']} | {r['label']} | " + ' | '.join(cells) +
-                     f" | {calib} | {search} | {rounding} | {ft_cell} | {r['peak_rss_mb']:.0f} |")
+                     f" | {calib} | {search} | {rounding} | {reconstruction} | {ft_cell} | {r['peak_rss_mb']:.0f} |")
     return lines
 
 

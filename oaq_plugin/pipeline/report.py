@@ -99,6 +99,7 @@ class RunReport:
             'timings': {**{k: round(v, 3) for k, v in result.timings.items()}, 'validate_s': 0.0},
             'search': result.search.to_dict() if result.search is not None else None,
             'rounding': result.rounding.to_dict() if result.rounding is not None else None,
+            'reconstruction': result.reconstruction.to_dict() if result.reconstruction is not None else None,
             'finetune': result.finetune.to_dict() if result.finetune is not None else None,
             **(extra or {}),
         }

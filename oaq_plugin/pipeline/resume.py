@@ -35,7 +35,7 @@ STATE_VERSION = 1
 STATE_FILE_NAME = 'oaq_resume_state.pth'
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Stages in the order they run; ``done`` is a run stopped after its last stage (resuming only restores).
-STAGES = ('calibrate', 'search', 'rounding', 'finetune', 'done')
+STAGES = ('calibrate', 'search', 'rounding', 'reconstruction', 'finetune', 'done')
 # OAQConfig keys that act after the pipeline (validation backend, tiles, analyses) or on the run itself:
 # a run may resume with these changed, any other change would change the result.
 RESULT_NEUTRAL_KEYS = ('kernel', 'tile', 'analysis', 'resume')

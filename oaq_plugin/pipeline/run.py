@@ -1,4 +1,5 @@
-"""The whole pipeline behind ``quantize``: convert -> calibrate -> search -> learned rounding -> finetune."""
+"""The whole pipeline behind ``quantize``: convert -> calibrate -> search -> learned rounding -> block
+reconstruction -> finetune."""
 from __future__ import annotations
 
 import time
@@ -28,6 +29,7 @@ class PipelineResult:
     timings: Dict[str, float] = field(default_factory=dict)
     search: Optional[Any] = None
     rounding: Optional[Any] = None
+    reconstruction: Optional[Any] = None
     finetune: Optional[Any] = None
 
 
@@ -67,8 +69,8 @@ def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConf
         finetune_source: Pool finetuning crops from (default: the calibration data).
         state_path: Makes the run interruptible (single process only): while it runs, SIGINT/SIGTERM (or
             ``stop``) stop it at the next safe point (between calibration batches, search layers,
-            learned-rounding layers, finetuning iterations) after saving its state to this file, and :class:`Interrupted` is raised.
-            The file is deleted when the run completes.
+            learned-rounding layers, reconstruction blocks, finetuning iterations) after saving its state
+            to this file, and :class:`Interrupted` is raised. The file is deleted when the run completes.
         resume: Continue from the state at ``state_path`` when there is one: the result is identical to
             an uninterrupted run's. A state saved with other options (other than ``kernel``, ``tile``,
             ``analysis``), other float weights or other calibration batches is refused.
@@ -106,6 +108,7 @@ class _Run:
         self.timings: Dict[str, float] = {}
         self.search_report = None
         self.rounding_report = None
+        self.reconstruction_report = None
         self.finetune_report = None
         self.qmodel: Optional[nn.Module] = None
         self.stage_start = time.perf_counter()
@@ -121,7 +124,7 @@ class _Run:
                 key = f'{stage}_s'
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - self.stage_start
             reports = {'search': self.search_report, 'rounding': self.rounding_report,
-                       'finetune': self.finetune_report}
+                       'reconstruction': self.reconstruction_report, 'finetune': self.finetune_report}
             return {'timings': timings,
                     **{key: report.to_dict() if report is not None else None for key, report in reports.items()}}
         return lambda progress: self.checkpoint.check(self.qmodel, stage, progress, context)
@@ -141,7 +144,8 @@ class _Run:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - self.stage_start
 
     def _layer_by_layer(self, stage: str, progress: dict, stage_fn: Callable[..., Any], report_type: type) -> Any:
-        """Run a stage that works layer by layer (search, learned rounding), going on from its saved report.
+        """Run a stage that works layer by layer or block by block (search, learned rounding, block
+        reconstruction), going on from its saved report.
 
         Its safe points save the report so far as the stage's progress.
         """
@@ -163,6 +167,9 @@ class _Run:
             if saved.get('rounding') is not None:
                 from .learned_rounding import RoundingReport
                 self.rounding_report = RoundingReport.from_dict(saved['rounding'])
+            if saved.get('reconstruction') is not None:
+                from .block_reconstruction import ReconstructionReport
+                self.reconstruction_report = ReconstructionReport.from_dict(saved['reconstruction'])
             if saved.get('finetune') is not None:
                 from .finetune import FinetuneReport
                 self.finetune_report = FinetuneReport.from_dict(saved['finetune'])
@@ -195,6 +202,14 @@ class _Run:
                 self.rounding_report = self._layer_by_layer('rounding', progress, learn_rounding, RoundingReport)
             self._finish('rounding')
 
+        progress = self._stage('reconstruction', saved)
+        if progress is not None:
+            if config.reconstruction.enabled:
+                from .block_reconstruction import ReconstructionReport, reconstruct_blocks
+                self.reconstruction_report = self._layer_by_layer('reconstruction', progress, reconstruct_blocks,
+                                                                  ReconstructionReport)
+            self._finish('reconstruction')
+
         progress = self._stage('finetune', saved)
         if progress is not None:
             if config.finetune.enabled:
@@ -204,10 +219,11 @@ class _Run:
             self._finish('finetune')
 
         qmodel.eval()
-        for key in ('calibrate_s', 'search_s', 'rounding_s', 'finetune_s'):
+        for key in ('calibrate_s', 'search_s', 'rounding_s', 'reconstruction_s', 'finetune_s'):
             self.timings.setdefault(key, 0.0)
         return PipelineResult(model=qmodel, config=config, plans=list(qmodel.oaq_plans), timings=self.timings,
                               search=self.search_report, rounding=self.rounding_report,
+                              reconstruction=self.reconstruction_report,
                               finetune=self.finetune_report)
 
 

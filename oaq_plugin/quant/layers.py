@@ -47,6 +47,8 @@ class QuantLayer(nn.Module):
         # A backend executor (reference integer arithmetic or a Triton kernel) replacing fake quantization.
         self.executor: Optional[Callable[['QuantLayer', torch.Tensor], torch.Tensor]] = None
         self.executor_name = 'fake'
+        # While set (block reconstruction), the quantized weight is this function's soft weight.
+        self.weight_override: Optional[Callable[[], torch.Tensor]] = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -65,6 +67,8 @@ class QuantLayer(nn.Module):
         raise NotImplementedError
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.weight_override is not None:
+            return self.weight_override()
         return self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
