@@ -327,7 +327,7 @@ def reconstruct_block(name: str, block: nn.Module, calls: Sequence[Call], target
         groups.append({'params': [s.variables for s in soft], 'lr': settings.lr})
     if settings.activations:
         for quantizer in quantizers:
-            for parameter in (p for n, p in quantizer.named_parameters(recurse=False)):
+            for parameter in quantizer.parameters(recurse=False):
                 scale = max(float(parameter.detach().abs().max()), MIN_STEP)
                 groups.append({'params': [parameter], 'lr': settings.act_lr * scale})
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + zlib.crc32(name.encode()))
