@@ -187,3 +187,22 @@ def test_exclude_leaves_an_attention_in_float_and_networks_without_attention_are
     with pytest.raises(UnsupportedLayerError, match='quantize_attention: false'):
         convert(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)), OAQConfig(quantize_attention=True),
                 torch.rand(1, 3, 8, 8))
+
+
+def test_block_reconstruction_learns_the_attention_operand_quantizers(swinir):
+    options = {**NO_SEARCH, 'w_bits': 4, 'a_bits': 4, 'quantize_attention': True,
+               'reconstruction': {'enabled': True, 'iterations': 20, 'num_samples': 4, 'patch_size': 16,
+                                  'batch_size': 2, 'max_layers': 4}}
+    from oaq_plugin.pipeline.run import run_pipeline
+    before = quantize(swinir, calib_batches(), {**options, 'reconstruction': {'enabled': False}})
+    result = run_pipeline(swinir, calib_batches(), options)
+    names = [block.name for block in result.reconstruction.blocks]
+    # Each Swin transformer block (4 Linear layers and its attention matmuls) is one block.
+    assert 'layers.0.residual_group.blocks.0' in names and 'layers.0.residual_group.blocks.1' in names
+    kept = {block.name for block in result.reconstruction.blocks if block.kept}
+    assert 'layers.0.residual_group.blocks.0' in kept
+    learned = {name: quantizer for name, _, quantizer in matmul_quantizers(result.model)}
+    initial = {name: quantizer for name, _, quantizer in matmul_quantizers(before)}
+    changed = [name for name in learned if name.startswith('layers.0.residual_group.blocks.0.')
+               and float(learned[name].upper) != float(initial[name].upper)]
+    assert changed
