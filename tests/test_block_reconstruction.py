@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from oaq_plugin import Interrupted, OAQConfig, run_pipeline
+from oaq_plugin import Interrupted, run_pipeline
 from oaq_plugin.config import ReconstructionConfig
 from oaq_plugin.pipeline.block_reconstruction import (block_order, capture_block, reconstruct_block,
                                                       reconstruction_blocks)
@@ -16,7 +16,8 @@ from oaq_plugin.pipeline.resume import load_state
 from oaq_plugin.quant.activation import activation_quantizers
 from oaq_plugin.quant.convert import set_mode
 from oaq_plugin.quant.layers import quant_layers
-from tiny_sr import Block, TinyResSR, calibrated_tiny, tiny_images, single_thread  # noqa: F401 (autouse fixture)
+from tiny_sr import (Block, TinyResSR, calibrated_tiny, tiny_images, tiny_pipeline_world,  # noqa: F401
+                     single_thread)  # autouse fixture
 
 RECONSTRUCTION = {'enabled': True, 'iterations': 40, 'num_samples': 4, 'patch_size': 12, 'batch_size': 2,
                   'max_layers': 2, 'lr': 5e-2}
@@ -111,15 +112,8 @@ def test_a_reconstruction_that_does_not_help_is_not_kept():
         torch.testing.assert_close(after[key], state[key], rtol=0, atol=0, equal_nan=True)
 
 
-def pipeline_world(options=OPTIONS):
-    torch.manual_seed(0)
-    model = TinyResSR().eval()
-    batches = PatchSource(tiny_images()).batches(3, 4, 12, seed=1)
-    return model, batches, OAQConfig.from_dict(options)
-
-
 def test_pipeline_stage_reports_and_exports(tmp_path):
-    model, batches, config = pipeline_world({**OPTIONS, 'w_bits': 3, 'a_bits': 3})
+    model, batches, config = tiny_pipeline_world({**OPTIONS, 'w_bits': 3, 'a_bits': 3})
     result = run_pipeline(model, batches, config)
     report = result.reconstruction.to_dict()
     assert [block['name'] for block in report['blocks']] == ['head', 'block1', 'block2', 'up']
@@ -136,7 +130,7 @@ def test_pipeline_stage_reports_and_exports(tmp_path):
 
 def test_reconstruction_stage_stopped_resumes_to_identical_parameters(tmp_path):
     from test_resume import StopAtCheck, assert_same_result
-    model, batches, config = pipeline_world()
+    model, batches, config = tiny_pipeline_world(OPTIONS)
     reference = run_pipeline(model, batches, config)
     path = tmp_path / 'state.pth'
     # Safe points: 3 calibration batches, 6 searched layers, then one before each block.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oaq_plugin import Interrupted, OAQConfig, run_pipeline
+from oaq_plugin import Interrupted, run_pipeline
 from oaq_plugin.pipeline.export import load_quantized, save_quantized
 from oaq_plugin.pipeline.finetune import parameter_groups
 from oaq_plugin.pipeline.learned_rounding import (beta_at, initial_variables, learn_layer_rounding,
@@ -16,7 +16,8 @@ from oaq_plugin.pipeline.resume import load_state
 from oaq_plugin.quant.convert import set_mode
 from oaq_plugin.quant.layers import quant_layers
 from oaq_plugin.quant.weight import WeightQuantizer
-from tiny_sr import TinyResSR, calibrated_tiny, tiny_images, single_thread  # noqa: F401 (autouse fixture)
+from tiny_sr import (TinyResSR, calibrated_tiny, tiny_images, tiny_pipeline_world,  # noqa: F401
+                     single_thread)  # autouse fixture
 
 ROUNDING = {'enabled': True, 'iterations': 60, 'num_samples': 4, 'window': 8, 'batch_size': 2, 'lr': 5e-2}
 OPTIONS = {
@@ -106,15 +107,8 @@ def test_a_rounding_that_does_not_help_is_not_kept():
     assert layer.weight_quantizer.rounding is None
 
 
-def pipeline_world(options=OPTIONS):
-    torch.manual_seed(0)
-    model = TinyResSR().eval()
-    batches = PatchSource(tiny_images()).batches(3, 4, 12, seed=1)
-    return model, batches, OAQConfig.from_dict(options)
-
-
 def test_pipeline_stage_reports_exports_and_fixes_clips(tmp_path):
-    model, batches, config = pipeline_world()
+    model, batches, config = tiny_pipeline_world(OPTIONS)
     result = run_pipeline(model, batches, config)
     report = result.rounding.to_dict()
     assert [layer['name'] for layer in report['layers']] == [name for name, _ in quant_layers(result.model)]
@@ -137,7 +131,7 @@ def test_pipeline_stage_reports_exports_and_fixes_clips(tmp_path):
 
 def test_rounding_stage_stopped_resumes_to_identical_parameters(tmp_path):
     from test_resume import StopAtCheck, assert_same_result
-    model, batches, config = pipeline_world()
+    model, batches, config = tiny_pipeline_world(OPTIONS)
     reference = run_pipeline(model, batches, config)
     path = tmp_path / 'state.pth'
     # Safe points: 3 calibration batches, 6 searched layers, then one before each layer's rounding.

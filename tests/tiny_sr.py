@@ -46,6 +46,14 @@ def tiny_images(count=6, size=24, seed=0):
     return list(nn.functional.interpolate(low, size=(size, size), mode='bicubic', align_corners=False).clamp(0, 1))
 
 
+def tiny_pipeline_world(options):
+    """``(float model, calibration batches, config)`` for a whole pipeline run of the tiny network."""
+    torch.manual_seed(0)
+    model = TinyResSR().eval()
+    batches = PatchSource(tiny_images()).batches(3, 4, 12, seed=1)
+    return model, batches, OAQConfig.from_dict(options)
+
+
 def calibrated_tiny(options=None, seed=0):
     """``(float model, quantized model, patch source, config, calibration batches)``, calibrated, not searched."""
     torch.manual_seed(seed)

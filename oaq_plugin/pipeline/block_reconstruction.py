@@ -34,17 +34,13 @@ from ..quant.activation import activation_quantizers
 from ..quant.convert import modes_restored
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.region_grid import MIN_STEP
-from .layer_capture import first_samples
+from .layer_capture import StopForward, call_counts, first_samples
 from .learned_rounding import beta_at, initial_variables, regulariser, soft_choice
 from .search import relative_error
 from .training_fake_quant import fast_fake_quantization
 
 # One captured call of a block: its positional and keyword arguments, and its output.
 Call = Tuple[Tuple[Any, ...], Dict[str, Any]]
-
-
-class _StopForward(Exception):
-    """Raised from a hook once the wanted block has run all its calls, to skip the rest of the network."""
 
 
 def reconstruction_blocks(qmodel: nn.Module, max_layers: int) -> List[str]:
@@ -72,18 +68,7 @@ def reconstruction_blocks(qmodel: nn.Module, max_layers: int) -> List[str]:
 def block_order(qmodel: nn.Module, blocks: Sequence[str], example: torch.Tensor) -> Tuple[List[str], Dict[str, int]]:
     """The blocks that run on ``example``, in the order they first run, and how many times each runs."""
     modules = dict(qmodel.named_modules())
-    counts: Dict[str, int] = {}
-    handles = []
-    for name in blocks:
-        def hook(module, args, name=name):
-            counts[name] = counts.get(name, 0) + 1
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            qmodel(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    counts = call_counts(qmodel, example, [(name, modules[name]) for name in blocks])
     return list(counts), counts
 
 
@@ -156,7 +141,7 @@ def capture_block(qmodel: nn.Module, block: str, samples: torch.Tensor, calls: i
                 results[index].append(_to_cpu(output))
         seen[0] += 1
         if seen[0] >= calls:
-            raise _StopForward
+            raise StopForward
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
     device = next(qmodel.parameters()).device
@@ -166,7 +151,7 @@ def capture_block(qmodel: nn.Module, block: str, samples: torch.Tensor, calls: i
                 seen[0] = 0
                 try:
                     qmodel(samples[start:start + chunk].to(device))
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         handle.remove()

@@ -18,8 +18,8 @@ from ..quant.convert import modes_restored, set_mode
 from ..quant.layers import QuantLayer, quant_layers
 
 
-class _StopForward(Exception):
-    """Raised from a hook once every wanted layer has been captured, to skip the rest of the network."""
+class StopForward(Exception):
+    """Raised from a hook once everything wanted has been captured, to skip the rest of the network."""
 
 
 def execution_order(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
@@ -32,15 +32,17 @@ def takes_tokens(layer: QuantLayer) -> bool:
     return isinstance(layer.module, nn.Linear)
 
 
-def call_counts(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, int]:
-    """How many times each quantized layer runs in one forward of ``example`` (shared layers run more),
-    keyed in the order the layers first run."""
+def call_counts(qmodel: nn.Module, example: torch.Tensor,
+                modules: Optional[Sequence[Tuple[str, nn.Module]]] = None) -> Dict[str, int]:
+    """How many times each of ``modules`` (``(name, module)``; default: the quantized layers) runs in one
+    forward of ``example`` (shared ones run more), keyed in the order they first run; those that do not
+    run are left out."""
     counts: Dict[str, int] = {}
     handles = []
-    for name, layer in quant_layers(qmodel):
-        def hook(module, inputs, name=name):
+    for name, module in quant_layers(qmodel) if modules is None else modules:
+        def hook(_module, inputs, name=name):
             counts[name] = counts.get(name, 0) + 1
-        handles.append(layer.register_forward_pre_hook(hook))
+        handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             qmodel(example)
@@ -105,7 +107,7 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
                 pieces[name].append(cut_window(x, window, generators[name], takes_tokens(module)).float().cpu())
                 pending[name] -= 1
                 if not any(pending.values()):
-                    raise _StopForward
+                    raise StopForward
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
@@ -116,7 +118,7 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
                 pending.update(expected)
                 try:
                     qmodel(inputs[start:start + chunk].to(device))
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         for handle in handles:
