@@ -1,25 +1,28 @@
-"""The one configuration of the method: dataclasses that validate themselves.
+"""The configuration: what the method reads (``OAQConfig``) and how a run executes (``RunOptions``).
 
-Every default lives here. ``OAQConfig`` maps one-to-one to the ``oaq:`` section of an option file;
-``OAQConfig.from_dict`` rejects unknown keys (naming the closest valid one), wrong types and values
-out of range with a :class:`~oaq_plugin.errors.ConfigError`.
+Every default and every choice list lives here, once. The ``oaq:`` section of an option file holds both;
+``OAQOptions.from_dict`` splits it, rejecting unknown keys (naming the closest valid one), wrong types and
+values out of range with a :class:`~oaq_plugin.errors.ConfigError`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .errors import ConfigError, closest
 
-ACT_QUANTIZERS = ('dual_region', 'minmax', 'percentile', 'mse')
+UNIFORM_METHODS = ('minmax', 'percentile', 'mse')
+ACT_QUANTIZERS = ('dual_region',) + UNIFORM_METHODS
 LEVELS = ('paper', 'pwlq')
 WEIGHT_GRANULARITIES = ('channel', 'tensor')
 WEIGHT_GRIDS = ('paper', 'zero')
 PROTOCOLS = ('full', 'float_ends')
 BREAKPOINT_STATS = ('signed', 'abs')
-KERNELS = ('auto', 'triton', 'reference', 'fake')
+BACKENDS = ('auto', 'triton', 'triton_int8', 'reference', 'fake', 'onnxruntime')
 FINETUNE_MODES = ('sensitivity', 'vanilla')
 TAP_SETS = ('blocks', 'layers')
 IO_BACKENDS = ('disk', 'lmdb')
@@ -38,7 +41,7 @@ def _range(low: Optional[float] = None, high: Optional[float] = None) -> Dict[st
 
 @dataclass
 class CalibConfig:
-    """Calibration data and statistics (METHOD.md §5).
+    """Calibration data and statistics (docs/METHOD.md, Calibration statistics).
 
     Args:
         dataroot_lq: Folder of LR images, or a BasicSR LMDB folder (``io_backend: lmdb``).
@@ -170,6 +173,24 @@ class ReconstructionConfig:
         patch_size: Side of the (top-left) part of each patch that is used.
         batch_size: Patches per Adam step (drawn at random from the ``num_samples``).
         seed: Seed of the batches and of the unquantized values.
+        group_siblings: Where a module too large to be a block is cut into its children and some consecutive
+            children run one after another, each on the previous one's output (a flat ``nn.Sequential``, or
+            SRVGG's ``body`` list run in a loop), group those children into blocks of up to ``max_layers``
+            quantized layers (as even as the limit allows) instead of one block per child.
+        weight_clips: Also learn each weight quantizer's clip (its step size: per output channel or per
+            tensor, as ``weight_granularity`` says) inside the block objective, LSQ-style, together with
+            the rounding.
+        weight_lr: Adam learning rate of each weight clip, times its initial magnitude.
+        window: Train a block whose input or output is spatially larger than the network's input (an
+            upsampler, a block at high resolution) on random windows of this side (in the block's input
+            pixels) of its inputs, comparing only the part of its output that the window alone determines
+            (found by running the block on a few windows and on the whole inputs); ``0`` trains every block
+            on whole inputs. A block whose output depends on its whole input (global pooling) is trained on
+            whole inputs.
+        output_weight: Weight of a network-output term beside the block term (NWQ-style): each step also runs
+            the whole network (earlier blocks quantized, the block learning, later blocks float) on the
+            step's calibration patches and adds this times its output error relative to the float
+            network's output energy; a block is then kept when this sum drops. ``0`` leaves the term out.
     """
 
     enabled: bool = False
@@ -186,11 +207,16 @@ class ReconstructionConfig:
     patch_size: int = field(default=48, metadata=_range(4))
     batch_size: int = field(default=4, metadata=_range(1))
     seed: int = 0
+    group_siblings: bool = False
+    weight_clips: bool = False
+    weight_lr: float = field(default=1e-3, metadata=_range(0.0))
+    window: int = field(default=0, metadata=_range(0))
+    output_weight: float = field(default=0.0, metadata=_range(0.0))
 
 
 @dataclass
 class FinetuneConfig:
-    """Sensitivity-aware finetuning (METHOD.md §6-7).
+    """Sensitivity-aware finetuning (docs/METHOD.md, Stage: sensitivity-aware finetuning).
 
     Args:
         enabled: Run finetuning after calibration/search.
@@ -270,11 +296,69 @@ class AnalysisConfig:
     allocation_weighting: str = field(default='params', metadata=_choice(*ALLOCATION_WEIGHTINGS))
 
 
+# What each ``preset`` sets: the one place presets are defined. A preset fills the keys it names that the
+# user did not give (a section key by key); every other key keeps the dataclass default.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Today's recommended recipe: the dataclass defaults as they are.
+    'default': {},
+    # The paper's pipeline and nothing beyond it (docs/METHOD.md): dual-region activations with the honest
+    # b-bit level allocation, per-tensor weight clips on the grid without zero (their shrink-search
+    # initialization is part of every run), the paper's calibration statistics, no per-layer search, no
+    # learned rounding, no block reconstruction, and sensitivity-aware finetuning with the paper's settings.
+    'paper': {
+        'act_quantizer': 'dual_region', 'levels': 'paper', 'weight_granularity': 'tensor', 'weight_grid': 'paper',
+        'protocol': 'full', 'end_bits': 8, 'integer_lattice': False,
+        'calib': {'batch_size': 16, 'patch_size': 96, 'ema_beta': 0.9, 'percentile': 99.0,
+                  'breakpoint_stat': 'signed'},
+        'search': {'enabled': False},
+        'rounding': {'enabled': False},
+        'reconstruction': {'enabled': False},
+        'finetune': {'enabled': True, 'mode': 'sensitivity', 'epochs': 10, 'iters_per_epoch': 50, 'batch_size': 2,
+                     'patch_size': 96, 'lr': 1e-3, 'lr_decay': 0.9, 'lr_mode': 'absolute', 'rec_weight': 5.0,
+                     'sen_weight': 10.0, 'temperature': 1.0, 'taps': 'blocks', 'tap_patterns': []},
+    },
+}
+
+
+def with_preset(options: Mapping[str, Any], where: str = 'oaq') -> Dict[str, Any]:
+    """``options`` (the method's keys as given) with the keys their ``preset`` sets and they do not give.
+
+    A section given as a mapping is merged key by key (its own keys win); a section given as a config
+    object is taken whole. An unknown preset is a :class:`ConfigError` naming the closest one.
+    """
+    name = options.get('preset', 'default')
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"{where}.preset: unknown value {name!r}{closest(str(name), PRESETS)}; "
+                          f"choose one of: {', '.join(PRESETS)}")
+    merged = dict(options)
+    for key, value in PRESETS[name].items():
+        given = merged.get(key)
+        if key not in merged:
+            merged[key] = _copy_plain(value)
+        elif isinstance(value, dict) and (given is None or isinstance(given, Mapping)):
+            merged[key] = {**_copy_plain(value), **(given or {})}
+    return merged
+
+
+def _copy_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, list) else value
+
+
 @dataclass
 class OAQConfig:
-    """The whole method, as the ``oaq:`` section of an option file.
+    """What the method reads: everything that decides the quantized parameters, and what ``quantize()`` takes.
+
+    Sections may be given as mappings (``OAQConfig(search={'enabled': False})``), as in the option file.
 
     Args:
+        preset: A named recipe (:data:`PRESETS`, the one place each is defined): ``default`` (the defaults
+            below, the recommended recipe) or ``paper`` (the paper's pipeline exactly: dual-region, paper
+            levels, per-tensor weight clips on the paper's grid, no per-layer search, sensitivity-aware
+            finetuning on, nothing beyond the paper). Any key given explicitly, here or in the option file,
+            overrides the preset (a section key by key: ``{'preset': 'paper', 'finetune': {'epochs': 2}}``
+            keeps finetuning on). ``replace()`` and a section given as a config object do not reapply it.
         w_bits: Weight bits of the body layers (2-8).
         a_bits: Activation bits of the body layers (2-8).
         act_quantizer: ``dual_region`` (the method) or a uniform baseline: ``minmax``, ``percentile``, ``mse``.
@@ -290,14 +374,24 @@ class OAQConfig:
             window-attention module (SwinIR's ``WindowAttention``) with the activation quantizer at ``a_bits``;
             ``exclude`` and ``layer_bits`` patterns matching the attention module's name apply. These
             matmuls always run as fake quantization (the integer kernels cover Conv2d/Linear only).
-        kernel: Backend at validation: ``auto`` (triton on CUDA, reference otherwise), ``triton``,
-            ``reference`` or ``fake``.
-        resume: Continue an interrupted run from its saved state (as BasicSR's ``--auto_resume`` does).
-            A run stopped by SIGINT/SIGTERM saves its state at the next safe point; the resumed run ends
-            with the parameters an uninterrupted one would have, and is refused if the options (other than
-            ``kernel``, ``tile``, ``analysis``), the weights or the calibration data changed.
+        quantize_generic_attention: Quantize both operands of every matmul of two activations that a module
+            other than a window-attention module runs itself (``q @ k.transpose(-2, -1)``, ``torch.matmul``,
+            ``bmm``, ``einsum``, ``F.scaled_dot_product_attention``: generic attention), found by tracing one
+            forward, with the activation quantizer at ``a_bits`` (patterns naming the module apply, as for
+            ``quantize_attention``). ``false`` leaves them in float; the report lists them in ``float_ops``
+            either way. Fake quantization on every backend, like the window-attention matmuls.
+        integer_lattice: Keep every activation grid on an integer lattice: each level is ``u * n`` with one
+            unit ``u`` per quantizer and an integer code ``n + zero_point`` in int8 (int16 for a grid that
+            int8 cannot hold, e.g. an 8-bit dual-region grid), so an int8 engine (the ONNX export) runs the
+            layer as integer products. Every stage trains the snapped grid (oaq_plugin/quant/integer_lattice.py).
+        calib: Calibration data and statistics.
+        search: The per-layer search.
+        rounding: Learned weight rounding.
+        reconstruction: Block reconstruction.
+        finetune: Sensitivity-aware finetuning.
     """
 
+    preset: str = field(default='default', metadata=_choice(*PRESETS))
     w_bits: int = field(default=4, metadata=_range(MIN_BITS, MAX_BITS))
     a_bits: int = field(default=4, metadata=_range(MIN_BITS, MAX_BITS))
     act_quantizer: str = field(default='dual_region', metadata=_choice(*ACT_QUANTIZERS))
@@ -309,15 +403,13 @@ class OAQConfig:
     layer_bits: Dict[str, Any] = field(default_factory=dict)
     exclude: List[str] = field(default_factory=list)
     quantize_attention: bool = False
-    kernel: str = field(default='auto', metadata=_choice(*KERNELS))
-    resume: bool = False
+    quantize_generic_attention: bool = True
+    integer_lattice: bool = False
     calib: CalibConfig = field(default_factory=CalibConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    tile: TileConfig = field(default_factory=TileConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def __post_init__(self) -> None:
         _validate(self, 'oaq')
@@ -325,7 +417,11 @@ class OAQConfig:
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> 'OAQConfig':
-        """Build from an option-file section, rejecting unknown keys and bad values."""
+        """Build from the method's keys of an option-file section, rejecting unknown keys and bad values.
+
+        A run option (``backend``, ``tile``, ...) is refused with a message saying where it goes: use
+        :meth:`OAQOptions.from_dict` for a whole ``oaq:`` section.
+        """
         return _from_dict(cls, options or {}, 'oaq')
 
     @classmethod
@@ -350,6 +446,139 @@ class OAQConfig:
         return self.protocol == 'float_ends'
 
 
+def _preset_init(init: Any) -> Any:
+    """``OAQConfig.__init__`` that first fills in what its ``preset`` sets and the call does not give (only
+    the call knows which keys were given; the dataclass defaults are indistinguishable from given values)."""
+    names = [f.name for f in dataclasses.fields(OAQConfig)]
+
+    @functools.wraps(init)
+    def __init__(self: OAQConfig, *args: Any, **kwargs: Any) -> None:
+        given = dict(zip(names, args))
+        given.update(kwargs)
+        init(self, **with_preset(given))
+    return __init__
+
+
+OAQConfig.__init__ = _preset_init(OAQConfig.__init__)
+
+
+@dataclass
+class ExportConfig:
+    """Files written next to ``quantized.pth``.
+
+    Args:
+        onnx: Also write ``quantized.onnx`` (:func:`oaq_plugin.export_onnx`: standard ONNX ops, int8 products
+            where the grids are on an int8 integer lattice, dynamic height and width).
+    """
+
+    onnx: bool = False
+
+
+@dataclass
+class RunOptions:
+    """How a run executes, beside the method: none of these changes the quantized parameters.
+
+    Read by the runs of the adapters and the CLI (:func:`oaq_plugin.experiment.run_experiment`), not by
+    ``quantize()``; a resumed run may change them.
+
+    Args:
+        backend: How the quantized layers run at validation: ``auto`` (triton on CUDA, reference
+            otherwise), ``triton``, ``triton_int8`` (int8 kernels for layers on an integer lattice),
+            ``reference``, ``fake``, or ``onnxruntime`` (the network exported to ``quantized.onnx`` and run by
+            ONNX Runtime on the CPU). ``kernel`` is its deprecated old name.
+        resume: Continue an interrupted run from its saved state (as BasicSR's ``--auto_resume`` does).
+            A run stopped by SIGINT/SIGTERM saves its state at the next safe point; the resumed run ends
+            with the parameters an uninterrupted one would have, and is refused if the method's options
+            (:class:`OAQConfig`), the weights or the calibration data changed.
+        tile: Tiled validation of large images.
+        analysis: Optional analyses written next to the results.
+        export: Files written next to ``quantized.pth`` (``export: {onnx: true}``: ``quantized.onnx``).
+    """
+
+    backend: str = field(default='auto', metadata=_choice(*BACKENDS))
+    resume: bool = False
+    tile: TileConfig = field(default_factory=TileConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self, 'oaq')
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]]) -> 'RunOptions':
+        """Build from the run's keys of an option-file section, rejecting unknown keys and bad values."""
+        return _from_dict(cls, options or {}, 'oaq')
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RUN_OPTION_KEYS = tuple(f.name for f in dataclasses.fields(RunOptions))
+# Old key -> current key; the old one is still read, with a warning.
+DEPRECATED_KEYS = {'kernel': 'backend'}
+
+
+@dataclass
+class OAQOptions:
+    """The whole ``oaq:`` section of an option file: the method (:class:`OAQConfig`) and the run (:class:`RunOptions`).
+
+    Args:
+        method: What the method reads.
+        run: How the run executes.
+    """
+
+    method: OAQConfig = field(default_factory=OAQConfig)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    @classmethod
+    def from_dict(cls, section: Optional[Mapping[str, Any]]) -> 'OAQOptions':
+        """Split an ``oaq:`` section into the method's and the run's options, each validated.
+
+        The deprecated ``kernel`` is read as ``backend``, with a ``FutureWarning``.
+        """
+        if section is None:
+            section = {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f'oaq: expected a mapping of options, got {type(section).__name__} {section!r}')
+        section = dict(section)
+        for old, new in DEPRECATED_KEYS.items():
+            if old not in section:
+                continue
+            if new in section:
+                raise ConfigError(f"oaq: both '{new}' and its deprecated old name '{old}' are given; keep '{new}'")
+            # Attributed to this line, so that a run that reads its section twice (checks, then the run)
+            # shows it once.
+            warnings.warn(f"oaq.{old} is deprecated: it is now called oaq.{new} (same values)", FutureWarning)
+            section[new] = section.pop(old)
+        run = {key: section.pop(key) for key in RUN_OPTION_KEYS if key in section}
+        return cls(OAQConfig.from_dict(section), RunOptions.from_dict(run))
+
+    @classmethod
+    def coerce(cls, value: Union['OAQOptions', OAQConfig, Mapping[str, Any], None]) -> 'OAQOptions':
+        """Accept options, a method config (default run options), a section mapping or ``None`` (defaults)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, OAQConfig):
+            return cls(method=value)
+        if value is None or isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise ConfigError(f'oaq: expected OAQOptions, an OAQConfig or a mapping, got {type(value).__name__}')
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The ``oaq:`` section (every key), in the order of the shipped option files: scalars, then sections."""
+        scalars: Dict[str, Any] = {}
+        sections: Dict[str, Any] = {}
+        for part in (self.method, self.run):
+            for key, value in part.to_dict().items():
+                (sections if _is_section(type(part), key) else scalars)[key] = value
+        return {**scalars, **sections}
+
+
+def _is_section(cls: type, key: str) -> bool:
+    hint = _type_hints(cls).get(key)
+    return hint is not None and dataclasses.is_dataclass(hint)
+
+
 def _type_hints(cls: type) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -357,12 +586,23 @@ def _type_hints(cls: type) -> Dict[str, Any]:
 def _from_dict(cls: type, options: Mapping[str, Any], where: str) -> Any:
     if not isinstance(options, Mapping):
         raise ConfigError(f'{where}: expected a mapping of options, got {type(options).__name__} {options!r}')
+    if cls is OAQConfig:
+        # Before the sections become config objects, so that a preset's section is merged key by key.
+        options = with_preset(options, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _type_hints(cls)
     kwargs: Dict[str, Any] = {}
     for key, value in options.items():
+        if key not in fields and cls is OAQConfig and (key in RUN_OPTION_KEYS or key in DEPRECATED_KEYS):
+            raise ConfigError(
+                f"{where}.{key} is a run option ({', '.join(RUN_OPTION_KEYS)}: how a run executes), not part of the "
+                "method's config (OAQConfig) that quantize() takes; give it in an option file's oaq: section, to "
+                'OAQHook(oaq=...) or to run_experiment (OAQOptions.from_dict splits a whole section)'
+                + ('; after quantize(), to_backend(model, backend) chooses the backend'
+                   if key in ('backend', *DEPRECATED_KEYS) else ''))
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'{closest(key, fields)}; valid keys: "
+            known = list(fields) + (list(RUN_OPTION_KEYS) if cls is OAQConfig else [])
+            raise ConfigError(f"{where}: unknown key '{key}'{closest(key, known)}; valid keys: "
                               f"{', '.join(fields)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -384,8 +624,13 @@ def _validate(obj: Any, where: str) -> None:
         name = f'{where}.{f.name}'
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            if not isinstance(value, hint):
-                raise ConfigError(f'{name}: expected a mapping of options, got {value!r}')
+            # Sections may be given as mappings, as in the option file (or None: the defaults).
+            if value is None or isinstance(value, Mapping):
+                value = _from_dict(hint, value or {}, name)
+                setattr(obj, f.name, value)
+            elif not isinstance(value, hint):
+                raise ConfigError(f'{name}: expected a mapping of options (or a {hint.__name__}), got '
+                                  f'{type(value).__name__} {value!r}')
             _validate(value, name)
             continue
         value = _check_type(value, hint, name)

@@ -10,11 +10,11 @@ from torch import nn
 from oaq_plugin import OAQConfig, UnsupportedLayerError, quantize
 from oaq_plugin.config import SearchConfig
 from oaq_plugin.backends.select import backend_summary, to_backend
-from oaq_plugin.pipeline.export import load_quantized, read_quantized, save_quantized
-from oaq_plugin.pipeline.finetune import finetune
-from oaq_plugin.pipeline.patches import PatchSource
-from oaq_plugin.pipeline.report import layer_rows
-from oaq_plugin.pipeline.search import search
+from oaq_plugin.pipeline.io.export import load_quantized, read_quantized, save_quantized
+from oaq_plugin.pipeline.stages.finetune import finetune
+from oaq_plugin.pipeline.io.patches import PatchSource
+from oaq_plugin.pipeline.io.report import layer_rows
+from oaq_plugin.pipeline.stages.search import search
 from oaq_plugin.quant import (DualRegionQuantizer, QuantMatmul, QuantWindowAttention, convert, matmul_quantizers,
                               quant_matmuls, set_mode)
 from oaq_plugin.quant.convert import make_act_quantizer
@@ -68,7 +68,7 @@ def test_float_mode_equals_the_float_module(shift):
                                  shift_size=shift).eval()
     mask = block.attn_mask
     assert (mask is None) == (shift == 0)
-    wrapped = QuantWindowAttention(block.attn, lambda: make_act_quantizer(OAQConfig(), 4), name='attn')
+    wrapped = QuantWindowAttention(block.attn, lambda: make_act_quantizer('dual_region', 4), name='attn')
     set_mode(wrapped, 'float')
     x = torch.randn(2 * 4, WINDOW * WINDOW, 12)
     with torch.no_grad():
@@ -196,10 +196,10 @@ def test_block_reconstruction_learns_the_attention_operand_quantizers(swinir):
     from oaq_plugin.pipeline.run import run_pipeline
     before = quantize(swinir, calib_batches(), {**options, 'reconstruction': {'enabled': False}})
     result = run_pipeline(swinir, calib_batches(), options)
-    names = [block.name for block in result.reconstruction.blocks]
+    names = [block.name for block in result.reports['reconstruction'].blocks]
     # Each Swin transformer block (4 Linear layers and its attention matmuls) is one block.
     assert 'layers.0.residual_group.blocks.0' in names and 'layers.0.residual_group.blocks.1' in names
-    kept = {block.name for block in result.reconstruction.blocks if block.kept}
+    kept = {block.name for block in result.reports['reconstruction'].blocks if block.kept}
     assert 'layers.0.residual_group.blocks.0' in kept
     learned = {name: quantizer for name, _, quantizer in matmul_quantizers(result.model)}
     initial = {name: quantizer for name, _, quantizer in matmul_quantizers(before)}

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def shared_option_file(shared: Path, world: Path, name: str, **oaq_overrides) ->
     oaq = options['oaq']
     oaq['calib'].update(dataroot_lq=str(calib), num_batches=2, batch_size=2, patch_size=32)
     oaq['search'].update(num_samples=2, grid_size=4, refine_rounds=0)
-    oaq['kernel'] = 'fake'
+    oaq['backend'] = 'fake'
     for key, value in oaq_overrides.items():
         if isinstance(value, dict):
             oaq[key].update(value)
@@ -65,6 +66,7 @@ def plugin_run(shared, tmp_path_factory):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest, 'the pretrained checkpoint was modified'
+    (world / 'plugin_run.out').write_text(result.stdout)
     return world, option_file, world / 'results' / 'oaq_srvgg_small'
 
 
@@ -156,10 +158,11 @@ def test_literal_basicsr_test_py_and_results_archived(plugin_run):
     assert (results / 'oaq_report.json').is_file()
     archived = list(results.parent.glob('oaq_srvgg_small_archived_*'))
     assert archived and (archived[0] / 'oaq_report.json').is_file(), 'an earlier results folder must be archived'
+    assert (archived[0] / 'run.txt').read_text().startswith('oaq_srvgg_small: W4A4 dual_region/paper')
 
 
 def test_lmdb_calibration_equals_folder(shared, tmp_path):
-    from oaq_plugin.basicsr_plugin.calibration_data import calibration_source
+    from oaq_plugin.experiment.calibration_data import calibration_source
     from oaq_plugin.config import CalibConfig
     sys.path.insert(0, str(ROOT / 'tools'))
     from make_calib_lmdb import make_lmdb
@@ -203,3 +206,97 @@ def test_two_process_run_matches_single_process(plugin_run, shared):
     assert set(two['datasets']['Set5']['per_image']) == set(one['datasets']['Set5']['per_image'])
     for metric, value in one['datasets']['Set5']['fp'].items():
         assert two['datasets']['Set5']['fp'][metric] == pytest.approx(value, abs=1e-9)
+
+
+def test_run_ends_with_a_summary_and_its_folder(plugin_run):
+    world, _, results = plugin_run
+    printed = (world / 'plugin_run.out').read_text().strip().splitlines()
+    assert printed[-1] == 'results in results/oaq_srvgg_small/'
+    assert any(line.startswith('Set5') for line in printed), printed
+    # The checks before the run leave BasicSR's logger to the run: its log file holds the run's lines.
+    log = next(results.glob('test_oaq_srvgg_small_*.log')).read_text()
+    assert 'OAQ: calibrating SRVGGNetCompact on 4 images' in log and 'OAQ results on Set5 (2 images)' in log
+    assert (results / 'run.txt').read_text().startswith(
+        'oaq_srvgg_small: W4A4 dual_region/paper, protocol full, stages calibrate+search, backend fake')
+    assert stat.S_IMODE((results / 'oaq_report.json').stat().st_mode) == stat.S_IMODE(
+        (results / 'quantized.pth').stat().st_mode)
+
+
+def test_help_describes_the_plugin_options_without_importing_torch():
+    code = ("import sys\nfrom oaq_plugin.cli.basicsr_test import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit as done:\n    assert done.code == 0\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'basicsr', 'cv2', 'numpy'))\n"
+            "assert not heavy, heavy\n")
+    completed = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    for text in ('--force_yml oaq:w_bits=8', 'oaq_plugin/config.py', '--auto_resume', 'oaq_resume_state.pth',
+                 '--debug', 'traceback', 'results/<name>/'):
+        assert text in completed.stdout, text
+    module = subprocess.run([sys.executable, '-m', 'oaq_plugin.test', '--help'], capture_output=True, text=True,
+                            timeout=120)
+    assert module.returncode == 0 and module.stdout.startswith('usage: python -m oaq_plugin.test')
+
+
+def _rewrite(option_file: Path, change) -> None:
+    text = option_file.read_text()
+    options = yaml.load(text, Loader=yaml.UnsafeLoader)
+    options.pop('oaq_register')
+    change(options)
+    option_file.write_text(text.splitlines()[0] + '\n' + yaml.safe_dump(options, sort_keys=False))
+
+
+@pytest.mark.parametrize('case, message', [
+    ('option', "unknown key 'w_bitz' (did you mean 'w_bits'?)"),
+    ('calibration', 'does not exist (oaq.calib.dataroot_lq)'),
+    ('test set', 'datasets.test_1.dataroot_lq:'),
+    ('missing checkpoint', 'does not exist (path.pretrain_network_g)'),
+    ('corrupt checkpoint', 'is not a checkpoint'),
+    ('other checkpoint', 'does not match SRVGGNetCompact (network_g)'),
+])
+def test_bad_inputs_are_refused_before_results_are_archived(shared, tmp_path, monkeypatch, capsys, case, message):
+    from oaq_plugin.cli.basicsr_test import main
+    option_file = shared_option_file(shared, tmp_path, 'refused', **({'w_bitz': 4} if case == 'option' else {}))
+    changes = {
+        'calibration': lambda o: o['oaq']['calib'].update(dataroot_lq=str(tmp_path / 'no_such_folder')),
+        'test set': lambda o: o['datasets']['test_1'].update(dataroot_lq=str(tmp_path / 'no_such_folder')),
+        'missing checkpoint': lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'gone.pth')),
+        'corrupt checkpoint': lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'garbage.pth')),
+        'other checkpoint': lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'other.pth')),
+    }
+    (tmp_path / 'garbage.pth').write_bytes(b'random bytes, not a checkpoint')
+    torch.save({'params': torch.nn.Conv2d(3, 3, 3).state_dict()}, tmp_path / 'other.pth')
+    if case in changes:
+        _rewrite(option_file, changes[case])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['oaq-test'])
+    earlier = tmp_path / 'results' / 'refused'
+    earlier.mkdir(parents=True)
+    (earlier / 'earlier.txt').write_text('the results of an earlier run')
+
+    assert main(['-opt', str(option_file)]) == 2
+
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert sorted(p.name for p in (tmp_path / 'results').iterdir()) == ['refused']
+    assert sorted(p.name for p in earlier.iterdir()) == ['earlier.txt']
+
+
+def test_calibration_images_of_a_test_set_are_named(tmp_path, caplog):
+    import cv2
+    import numpy as np
+    from oaq_plugin.basicsr_plugin.oaq_model import test_set_files
+    from oaq_plugin.config import CalibConfig
+    from oaq_plugin.experiment import warn_if_calibrating_on_test_sets
+    rng = np.random.default_rng(0)
+    for folder in ('set5/LR', 'set5/HR', 'calib'):
+        (tmp_path / folder).mkdir(parents=True)
+    for name in ('a', 'b'):
+        cv2.imwrite(str(tmp_path / 'set5/LR' / f'{name}.png'), rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+        cv2.imwrite(str(tmp_path / 'set5/HR' / f'{name}.png'), rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    shutil.copy(tmp_path / 'set5/LR/b.png', tmp_path / 'calib' / 'copy_of_b.png')
+    opt = {'datasets': {'test_1': {'name': 'Set5', 'dataroot_lq': str(tmp_path / 'set5/LR'),
+                                   'dataroot_gt': str(tmp_path / 'set5/HR')}}}
+    with caplog.at_level('WARNING', logger='oaq_plugin'):
+        overlap = warn_if_calibrating_on_test_sets(CalibConfig(dataroot_lq=str(tmp_path / 'calib')), test_set_files(opt))
+    assert overlap == {'Set5': 1}
+    assert "1 of the calibration images in" in caplog.text and "test set 'Set5'" in caplog.text

@@ -8,10 +8,10 @@ from torch import nn
 
 from oaq_plugin import Interrupted, run_pipeline
 from oaq_plugin.config import ReconstructionConfig
-from oaq_plugin.pipeline.block_reconstruction import (block_order, capture_block, reconstruct_block,
+from oaq_plugin.pipeline.stages.block_reconstruction import (block_order, capture_block, reconstruct_block,
                                                       reconstruction_blocks)
-from oaq_plugin.pipeline.export import load_quantized, save_quantized
-from oaq_plugin.pipeline.patches import PatchSource
+from oaq_plugin.pipeline.io.export import load_quantized, save_quantized
+from oaq_plugin.pipeline.io.patches import PatchSource
 from oaq_plugin.pipeline.resume import load_state
 from oaq_plugin.quant.activation import activation_quantizers
 from oaq_plugin.quant.convert import set_mode
@@ -66,7 +66,7 @@ def test_a_shared_block_is_captured_on_every_call():
     torch.testing.assert_close(calls[0][0][0], model.head(samples).detach())
     torch.testing.assert_close(calls[1][0][0], first)
     torch.testing.assert_close(outputs[1], model.shared(first).detach())
-    report = {block.name: block for block in result.reconstruction.blocks}
+    report = {block.name: block for block in result.reports['reconstruction'].blocks}
     assert report['shared'].calls == 2
 
 
@@ -89,7 +89,7 @@ def test_reconstruction_lowers_the_block_output_error_and_learns_rounding_and_bo
     for _, layer in quant_layers(block):
         flags = layer.weight_quantizer.rounding
         assert flags is not None and flags.dtype == torch.uint8 and set(flags.unique().tolist()) <= {0, 1}
-        assert layer.weight_override is None
+        assert layer.executor is None
     assert any(float(q.upper.detach()) != bounds[name] for name, q in activation_quantizers(block))
     # The training-time patches of the quantizers are gone.
     assert all('forward' not in vars(q) for _, q in activation_quantizers(block))
@@ -115,7 +115,7 @@ def test_a_reconstruction_that_does_not_help_is_not_kept():
 def test_pipeline_stage_reports_and_exports(tmp_path):
     model, batches, config = tiny_pipeline_world({**OPTIONS, 'w_bits': 3, 'a_bits': 3})
     result = run_pipeline(model, batches, config)
-    report = result.reconstruction.to_dict()
+    report = result.reports['reconstruction'].to_dict()
     assert [block['name'] for block in report['blocks']] == ['head', 'block1', 'block2', 'up']
     assert report['relative_error_after'] < report['relative_error_before']
     assert result.timings['reconstruction_s'] > 0
@@ -140,9 +140,10 @@ def test_reconstruction_stage_stopped_resumes_to_identical_parameters(tmp_path):
     assert state['stage'] == 'reconstruction' and len(state['progress']['report']['blocks']) == 2
     resumed = run_pipeline(model, batches, config, state_path=path, resume=True)
     assert_same_result(resumed, reference)
-    assert [block.to_dict() for block in resumed.reconstruction.blocks] == \
+    resumed_blocks = resumed.reports['reconstruction'].blocks
+    assert [block.to_dict() for block in resumed_blocks] == \
         [{**block.to_dict(), 'seconds': resumed_block.seconds}
-         for block, resumed_block in zip(reference.reconstruction.blocks, resumed.reconstruction.blocks)]
+         for block, resumed_block in zip(reference.reports['reconstruction'].blocks, resumed_blocks)]
 
 
 class GatedBlock(nn.Module):
@@ -185,4 +186,4 @@ def test_shared_arguments_and_keywords_are_captured_and_replayed():
     with torch.no_grad():
         torch.testing.assert_close(outputs[0], model.block(model.head(samples), model.gate,
                                                            shift=0.1 * model.head(samples)))
-    assert [block.name for block in result.reconstruction.blocks] == ['head', 'block', 'tail']
+    assert [block.name for block in result.reports['reconstruction'].blocks] == ['head', 'block', 'tail']

@@ -13,7 +13,7 @@ pytest.importorskip('skimage', reason='the demo images come from scikit-image')
 
 from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
 
-from oaq_plugin.config import OAQConfig  # noqa: E402
+from oaq_plugin.config import OAQOptions  # noqa: E402
 from oaq_plugin.demo import demo_data, network, runner, sample_images  # noqa: E402
 
 REGISTER_LINE = 'oaq_register: !!python/name:oaq_plugin.register'
@@ -63,7 +63,7 @@ def test_option_files_parse(run):
     text = run.option_file.read_text()
     assert text.splitlines()[0].startswith(REGISTER_LINE)
     options = yaml.load(text, Loader=yaml.UnsafeLoader)
-    config = OAQConfig.from_dict(options['oaq'])
+    config = OAQOptions.from_dict(options['oaq']).method
     assert options['name'] == run.name
     assert options['model_type'] == 'OAQModel'
     assert options['network_g'] == network.NETWORK_G
@@ -79,14 +79,14 @@ def test_option_files_parse(run):
     assert config.act_quantizer == ('minmax' if run.name.endswith('minmax') else 'dual_region')
     assert (config.levels, config.protocol, config.finetune.enabled) == ('paper', 'full', False)
     # Every key spelled out: the files are examples to copy, so nothing may hide behind a default.
-    # (unknown keys are already refused by OAQConfig.from_dict above; this catches missing ones.)
-    defaults = OAQConfig().to_dict()
+    # (unknown keys are already refused by OAQOptions.from_dict above; this catches missing ones.)
+    defaults = OAQOptions().to_dict()
     missing = sorted(set(defaults) - set(options['oaq']))
     for section, values in defaults.items():
         if isinstance(values, dict) and section != 'layer_bits':
             missing += [f'{section}.{key}' for key in values if key not in options['oaq'][section]]
     assert not missing, (f'{run.option_file} does not spell out oaq keys {missing}; add them with their '
-                         f'defaults from OAQConfig')
+                         f'defaults from OAQOptions')
 
 
 def test_demo_data_is_a_paired_set_and_is_reused(tmp_path):

@@ -12,8 +12,8 @@ from torch import nn
 from layer_cases import NO_SEARCH, TinySR, quantized_tiny_sr, single_thread, tiny_sr_config  # noqa: F401
 from oaq_plugin import DataError, OAQConfig, OAQError, quantize
 from oaq_plugin.backends.select import to_backend
-from oaq_plugin.pipeline import export
-from oaq_plugin.pipeline.export import (float_size_bytes, load_quantized, pack_codes, quantized_size_bytes,
+from oaq_plugin.pipeline.io import export
+from oaq_plugin.pipeline.io.export import (float_size_bytes, load_quantized, pack_codes, quantized_size_bytes,
                                         read_quantized, save_quantized, unpack_codes)
 from oaq_plugin.quant import convert
 

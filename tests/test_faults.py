@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from oaq_plugin import ConfigError, DataError, OAQConfig, OAQError, quantize
-from oaq_plugin.basicsr_plugin.calibration_data import calibration_source
+from oaq_plugin.experiment.calibration_data import calibration_source
 from oaq_plugin.config import CalibConfig
-from oaq_plugin.pipeline.images import read_image
+from oaq_plugin.pipeline.io.images import read_image
 from oaq_plugin.pipeline.inference import run_tiled
 
 
@@ -78,7 +78,7 @@ def fake_model_self():
 
 @pytest.mark.parametrize('content,fragment', [
     (None, 'does not exist'),
-    (b'garbage bytes', 'cannot read checkpoint'),
+    (b'garbage bytes', 'is not a checkpoint'),
 ])
 def test_missing_or_corrupt_checkpoint(tmp_path, content, fragment):
     from oaq_plugin.basicsr_plugin.oaq_model import OAQModel

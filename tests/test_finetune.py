@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oaq_plugin import NumericalError, OAQConfig
-from oaq_plugin.pipeline.feature_taps import FeatureTaps, detect_blocks
-from oaq_plugin.pipeline.finetune import finetune, parameter_groups, sensitivity_loss, tap_weights
-from oaq_plugin.pipeline.training_fake_quant import fast_quantize
+from oaq_plugin.pipeline.capture.feature_taps import FeatureTaps, detect_blocks
+from oaq_plugin.pipeline.stages.finetune import finetune, parameter_groups, sensitivity_loss, tap_weights
+from oaq_plugin.quant.fast_fake_quant import fast_quantize
 from oaq_plugin.quant import DualRegionQuantizer, UniformQuantizer, quant_layers
-from oaq_plugin.pipeline.patches import PatchSource
+from oaq_plugin.pipeline.io.patches import PatchSource
 from tiny_sr import TinyResSR, calibrated_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -189,7 +189,7 @@ def test_fast_fake_quant_matches_reference_values_and_gradients(kind, lower, wid
 @pytest.mark.slow
 def test_real_checkpoint_finetunes_with_block_taps(shared):
     from oaq_plugin.archs.zoo import build_zoo_model
-    from oaq_plugin.pipeline.calibrate import calibrate
+    from oaq_plugin.pipeline.stages.calibrate import calibrate
     from oaq_plugin.quant.convert import convert
     from tiny_sr import calibration_crops
     model = build_zoo_model('imdn_x4', shared)

@@ -27,6 +27,7 @@ from oaq_plugin.mmengine_plugin import OAQHook, SuperResolutionModel, load_check
 from oaq_plugin.mmengine_plugin.hook import input_images, locate_network, unwrap  # noqa: E402
 from oaq_plugin.mmengine_plugin.metrics import psnr, ssim  # noqa: E402
 from oaq_plugin.mmengine_plugin.run import build_runner  # noqa: E402
+from oaq_plugin.pipeline.inference import TiledNetwork  # noqa: E402
 from oaq_plugin.quant import DualRegionQuantizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def test_input_images_accepts_the_usual_preprocessor_outputs():
 def test_calibration_patches_are_those_of_the_basicsr_adapter(synthetic):
     from mmengine.dataset import pseudo_collate
 
-    from oaq_plugin.basicsr_plugin.calibration_data import calibration_source
+    from oaq_plugin.experiment.calibration_data import calibration_source
     from oaq_plugin.config import CalibConfig
     from oaq_plugin.mmengine_plugin import PairedImageDataset, SRDataPreprocessor
     from oaq_plugin.mmengine_plugin.hook import dataset_source
@@ -239,7 +240,7 @@ def test_hook_quantizes_in_place_and_reports_on_a_tiny_network(synthetic, tmp_pa
 
 
 def test_hook_finetunes_when_asked_without_touching_float_weights(synthetic, tmp_path):
-    pytest.importorskip('oaq_plugin.pipeline.finetune')
+    pytest.importorskip('oaq_plugin.pipeline.stages.finetune')
     oaq = dict(SMALL_OAQ, finetune=dict(enabled=True, epochs=1, iters_per_epoch=2, batch_size=2, patch_size=12))
     runner = _tiny_runner(synthetic, tmp_path / 'work', dict(oaq=oaq, calib_dataloader=_calib_loader(synthetic)),
                           **_test_loops(synthetic))
@@ -269,6 +270,69 @@ def test_hook_quantizes_for_validation_and_restores_float_after_it(synthetic, tm
     assert report['calibration'] == 'Synthetic'
     log = next(work_dir.glob('*/*.log')).read_text()
     assert 'calibrating on the val set itself' in log
+
+
+def test_hook_applies_every_run_option(synthetic, tmp_path):
+    """backend, tile and analysis work in the hook, and it writes what the BasicSR adapter writes."""
+    loops = _test_loops(synthetic)
+    plain = _tiny_runner(synthetic, tmp_path / 'plain', dict(oaq=SMALL_OAQ, calib_dataloader=_calib_loader(synthetic)),
+                         **loops)
+    plain.test()
+    work_dir = tmp_path / 'work'
+    oaq = dict(SMALL_OAQ, backend='reference', tile=dict(size=8, pad=0),
+               analysis=dict(layer_sensitivity=True, num_images=1))
+    runner = _tiny_runner(synthetic, work_dir, dict(oaq=oaq, calib_dataloader=_calib_loader(synthetic)), **loops)
+
+    runner.test()
+
+    generator = runner.model.generator
+    assert isinstance(generator, TiledNetwork) and generator.tile == 8 and len(_quantizers(generator)) == 3
+    report = _check_report(work_dir / 'oaq_report.json', 'Synthetic', SMALL_OAQ, num_images=3)
+    assert report['run_options']['tile'] == {'size': 8, 'pad': 0} and set(report['backend'].values()) == {'reference'}
+    plain_report = json.loads((tmp_path / 'plain' / 'oaq_report.json').read_text())
+    # Without context around the tiles their borders show in the float output too: both networks ran tiled.
+    assert report['datasets']['Synthetic']['fp']['psnr'] != plain_report['datasets']['Synthetic']['fp']['psnr']
+    assert (work_dir / 'layer_sensitivity.png').is_file() and report['layer_sensitivity']['layers']
+    assert ': W4A4 dual_region/paper, protocol full, stages calibrate, backend reference' in (
+        work_dir / 'run.txt').read_text()
+    names = {'alpha', 'beta', 'gamma'}
+    assert {p.stem for p in (work_dir / 'crops' / 'Synthetic').glob('*.png')} == names
+    assert set(report['datasets']['Synthetic']['per_image']) == names
+    assert (work_dir / 'oaq_report.json').stat().st_mode == (work_dir / 'quantized.pth').stat().st_mode
+
+
+def test_hook_resumes_an_interrupted_quantization(synthetic, tmp_path, monkeypatch, caplog):
+    from oaq_plugin import Interrupted
+    from oaq_plugin.pipeline import resume
+    work_dir = tmp_path / 'work'
+    hook = dict(oaq=SMALL_OAQ, calib_dataloader=_calib_loader(synthetic))
+    with monkeypatch.context() as patch:
+        # As if SIGINT had arrived as the run started: it stops at the first safe point.
+        patch.setattr(resume.StopRequest, '__init__', lambda self: setattr(self, 'signum', 2))
+        with pytest.raises(Interrupted):
+            _tiny_runner(synthetic, work_dir, hook, **_test_loops(synthetic)).test()
+    state = work_dir / 'oaq_resume_state.pth'
+    assert resume.load_state(state)['stage'] == 'calibrate'
+    runner = _tiny_runner(synthetic, work_dir, dict(hook, oaq=dict(SMALL_OAQ, resume=True)), **_test_loops(synthetic))
+    with caplog.at_level('INFO', logger='oaq_plugin'):
+        runner.test()
+    assert not state.exists() and (work_dir / 'oaq_report.json').is_file()
+    assert f'OAQ: resuming from {state} (stage calibrate)' in caplog.text
+    with pytest.raises(ConfigError, match=r'oaq\.resume: OAQHook resumes the quantization before a test'):
+        HOOKS.build(dict(type='OAQHook', oaq=dict(resume=True), before_val=True))
+
+
+def test_runner_cli_checks_the_config_before_the_work_dir_is_made(tmp_path):
+    work_dir = tmp_path / 'work'
+    with pytest.raises(DataError, match=r'gone\.pth does not exist \(model\.pretrained\)'):
+        build_runner(str(CONFIG), work_dir=str(work_dir), cfg_options={'model.pretrained': str(tmp_path / 'gone.pth')})
+    with pytest.raises(ConfigError, match="unknown key 'w_bitz'"):
+        build_runner(str(CONFIG), work_dir=str(work_dir), cfg_options={'custom_hooks.0.oaq.w_bitz': 4})
+    with pytest.raises(DataError, match=r'calibration folder .*nowhere does not exist'):
+        build_runner(str(CONFIG), work_dir=str(work_dir), cfg_options={
+            'custom_hooks.0.calib_dataloader': None,
+            'custom_hooks.0.oaq.calib.dataroot_lq': str(tmp_path / 'nowhere')})
+    assert not work_dir.exists()
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------

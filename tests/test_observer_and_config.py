@@ -78,3 +78,71 @@ def test_config_errors_name_the_key(options, fragment):
     with pytest.raises(ConfigError) as info:
         OAQConfig.from_dict(options)
     assert fragment in str(info.value)
+
+
+# -- the method's config and the run's options --------------------------------------------------------
+def test_sections_may_be_given_as_mappings_to_the_constructor():
+    config = OAQConfig(w_bits=8, a_bits=8, search={'enabled': False}, calib=None)
+    assert config.search.enabled is False and config.search.grid_size == 16
+    assert config.calib == OAQConfig().calib
+    assert config == OAQConfig.from_dict({'w_bits': 8, 'a_bits': 8, 'search': {'enabled': False}})
+    with pytest.raises(ConfigError, match=r"oaq\.search: unknown key 'enabeld' \(did you mean 'enabled'\?\)"):
+        OAQConfig(search={'enabeld': False})
+    with pytest.raises(ConfigError, match=r'oaq\.search: expected a mapping of options \(or a SearchConfig\), got list'):
+        OAQConfig(search=[1])
+
+
+def test_one_parser_splits_the_section_into_method_and_run():
+    from oaq_plugin.config import RUN_OPTION_KEYS, OAQOptions, RunOptions
+    section = OAQOptions().to_dict()
+    assert {'backend', 'resume', 'tile', 'analysis'} <= set(RUN_OPTION_KEYS) and set(RUN_OPTION_KEYS) <= set(section)
+    section.update(w_bits=8, backend='reference', tile={'size': 64, 'pad': 8})
+    options = OAQOptions.from_dict(section)
+    assert options.method.w_bits == 8 and not hasattr(options.method, 'backend')
+    assert options.run == RunOptions(backend='reference', tile={'size': 64, 'pad': 8})
+    assert options.to_dict() == section and list(options.to_dict()) == list(section)
+    with pytest.raises(ConfigError, match=r"oaq\.tile is a run option .*not part of the method's config"):
+        OAQConfig.from_dict({'tile': {'size': 64}})
+    with pytest.raises(ConfigError, match=r"unknown key 'tiles' \(did you mean 'tile'\?\)"):
+        OAQOptions.from_dict({'tiles': {}})
+
+
+def test_kernel_is_read_as_backend_with_a_warning():
+    from oaq_plugin.config import OAQOptions
+    with pytest.warns(FutureWarning, match=r'oaq\.kernel is deprecated: it is now called oaq\.backend'):
+        options = OAQOptions.from_dict({'kernel': 'reference'})
+    assert options.run.backend == 'reference'
+    with pytest.raises(ConfigError, match="both 'backend' and its deprecated old name 'kernel'"):
+        OAQOptions.from_dict({'kernel': 'reference', 'backend': 'fake'})
+    with pytest.raises(ConfigError, match=r"oaq\.backend: unknown value 'triton2'"):
+        OAQOptions.from_dict({'backend': 'triton2'})
+
+
+def test_every_default_and_choice_list_is_defined_once():
+    from pathlib import Path
+
+    from oaq_plugin import backends, config
+    from oaq_plugin.quant import DualRegionQuantizer, WeightQuantizer, weight
+    from oaq_plugin.quant.activation import ActivationQuantizer
+    calib = config.CalibConfig()
+    observer = ActivationObserver()
+    assert (observer.percentile, observer.sample_size, observer.seed) == (calib.percentile, calib.sample_size, calib.seed)
+    quantizer = DualRegionQuantizer(4)
+    assert (quantizer.levels, quantizer.breakpoint_stat) == (OAQConfig().levels, calib.breakpoint_stat)
+    assert ActivationQuantizer.initialize.__defaults__ == (calib.ema_beta,)
+    assert (WeightQuantizer(4).granularity, WeightQuantizer(4).grid_kind) == (OAQConfig().weight_granularity,
+                                                                             OAQConfig().weight_grid)
+    assert backends.BACKENDS is config.BACKENDS and weight.WEIGHT_GRIDS is config.WEIGHT_GRIDS
+    package = Path(config.__file__).parent
+    for literal in ('99.0', '65536', "('paper', 'zero')", "('channel', 'tensor')", "'reference', 'fake'"):
+        files = sorted(p.relative_to(package).as_posix() for p in package.rglob('*.py') if literal in p.read_text())
+        assert files == ['config.py'], (literal, files)
+
+
+def test_dead_code_is_gone():
+    from oaq_plugin.quant.activation import ActivationQuantizer
+    from oaq_plugin.quant.dual_region import DualRegionQuantizer
+    assert not hasattr(ActivationQuantizer, 'reset_observer')
+    assert '_load_from_state_dict' not in DualRegionQuantizer.__dict__
+    import oaq_plugin.pipeline.resume as resume
+    assert not hasattr(resume, 'RESULT_NEUTRAL_KEYS')

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oaq_plugin import OAQConfig
+from oaq_plugin import OAQOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / 'options').glob('*.yml')) + sorted((ROOT / 'options' / 'zoo').glob('*.yml'))
@@ -27,8 +27,9 @@ def test_option_file_is_complete_and_valid(path):
     text = path.read_text()
     assert text.startswith('oaq_register: !!python/name:oaq_plugin.register')
     options = yaml.load(text, Loader=yaml.UnsafeLoader)
-    config = OAQConfig.from_dict(options['oaq'])
-    assert options['oaq'] == config.to_dict(), 'every oaq key is spelled out, so --force_yml can reach it'
+    section = OAQOptions.from_dict(options['oaq'])
+    config = section.method
+    assert options['oaq'] == section.to_dict(), 'every oaq key is spelled out, so --force_yml can reach it'
     assert options['model_type'] in ('OAQModel', 'OAQSwinIRModel')
     assert config.calib.dataroot_lq and 'Set5' not in config.calib.dataroot_lq and 'Set14' not in config.calib.dataroot_lq
     for metric in options['val']['metrics'].values():

@@ -1,4 +1,5 @@
-"""Math of the quantizers (METHOD.md §3-4): level counts, errors, idempotence, monotonicity, degenerate input."""
+"""Math of the quantizers (docs/METHOD.md, Dual-region activation quantizer; Weight quantizer): level counts,
+errors, idempotence, monotonicity, degenerate input."""
 from __future__ import annotations
 
 import math
@@ -269,10 +270,13 @@ def test_dense_center_shifts_the_dense_region_and_keeps_the_code_count():
     assert q.is_degenerate()
 
 
-def test_state_dicts_without_a_center_load_as_the_paper_region():
+def test_state_dicts_carry_the_center_and_one_without_it_is_refused():
     q = dual(4, -20.0, 100.0, 10.0)
-    state = {k: v for k, v in q.state_dict().items() if k != 'dense_center'}
+    q.set_center(5.0)
     fresh = dual(4, -20.0, 100.0, 10.0)
-    fresh.set_center(5.0)
-    fresh.load_state_dict(state)
-    assert float(fresh.dense_center) == 0.0
+    fresh.load_state_dict(q.state_dict())
+    assert float(fresh.dense_center) == 5.0
+    # Every saved quantizer has had a centre since the first release: a state without one is not ours.
+    state = {k: v for k, v in q.state_dict().items() if k != 'dense_center'}
+    with pytest.raises(RuntimeError, match='dense_center'):
+        dual(4, -20.0, 100.0, 10.0).load_state_dict(state)

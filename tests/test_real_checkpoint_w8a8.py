@@ -16,7 +16,7 @@ from basicsr.utils import img2tensor, tensor2img
 
 from oaq_plugin import quantize
 from oaq_plugin.archs.zoo import build_zoo_model
-from oaq_plugin.pipeline.patches import PatchSource
+from oaq_plugin.pipeline.io.patches import PatchSource
 
 SET5 = ('baby', 'bird', 'butterfly', 'head', 'woman')
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from oaq_plugin import ConfigError, DataError, Interrupted, OAQConfig, run_pipeline
-from oaq_plugin.pipeline.patches import PatchSource
+from oaq_plugin import ConfigError, DataError, Interrupted, OAQConfig, OAQOptions, run_pipeline
+from oaq_plugin.pipeline.io.patches import PatchSource
 from oaq_plugin.pipeline.resume import StopRequest, load_state, stop_on_signals
 from oaq_plugin.quant.activation import activation_quantizers
 from tiny_sr import TinyResSR, tiny_images, single_thread  # noqa: F401 (autouse fixture)
@@ -78,11 +78,12 @@ def assert_same_result(a, b):
         torch.testing.assert_close(buffers_a[key], buffers_b[key], rtol=0, atol=0, equal_nan=True)
     observed_a = {name: q.observed for name, q in activation_quantizers(a.model)}
     assert observed_a == {name: q.observed for name, q in activation_quantizers(b.model)}
-    if a.search is not None:
-        assert [layer.searched for layer in a.search.layers] == [layer.searched for layer in b.search.layers]
-    if a.finetune is not None:
-        assert [(e.group, e.lr, e.loss) for e in a.finetune.epochs] == [(e.group, e.lr, e.loss)
-                                                                        for e in b.finetune.epochs]
+    if 'search' in a.reports:
+        assert [layer.searched for layer in a.reports['search'].layers] == [layer.searched
+                                                                           for layer in b.reports['search'].layers]
+    if 'finetune' in a.reports:
+        assert [(e.group, e.lr, e.loss) for e in a.reports['finetune'].epochs] == [
+            (e.group, e.lr, e.loss) for e in b.reports['finetune'].epochs]
 
 
 @pytest.fixture(scope='module')
@@ -175,8 +176,9 @@ def test_resume_is_refused_when_the_result_would_differ(tmp_path):
         other = TinyResSR().eval()
     with pytest.raises(DataError, match='float weights differ'):
         run_pipeline(other, batches, config, state_path=path, resume=True)
-    # The validation backend does not change the quantized parameters: resuming with another one is fine.
-    run_pipeline(model, batches, config.replace(kernel='fake'), state_path=path, resume=True)
+    # The run's options (backend, tiles, analyses) are not part of the method's config the state is checked
+    # against: with the same method config, resuming is fine.
+    run_pipeline(model, batches, config, state_path=path, resume=True)
     assert not path.exists()
 
 
@@ -209,8 +211,8 @@ def tiny_basicsr_world(root: Path) -> Path:
     torch.manual_seed(0)
     arch = SRVGGNetCompact(**{k: v for k, v in network.items() if k != 'type'})
     torch.save({'params': arch.state_dict()}, root / 'tiny.pth')
-    oaq = OAQConfig.from_dict({
-        'kernel': 'fake',
+    oaq = OAQOptions.from_dict({
+        'backend': 'fake',
         'calib': {'dataroot_lq': str(root / 'calib'), 'num_batches': 2, 'batch_size': 2, 'patch_size': 12},
         'search': {'enabled': False},
         'finetune': {'enabled': True, 'epochs': 3, 'iters_per_epoch': 200, 'batch_size': 1, 'patch_size': 12,

@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from oaq_plugin import OAQConfig, run_pipeline
-from oaq_plugin.pipeline.calibrate import calibrate
-from oaq_plugin.pipeline.layer_capture import capture_windows
-from oaq_plugin.pipeline.search import LayerProblem, fast_quantizer, minimize_scalar, search
+from oaq_plugin.pipeline.stages.calibrate import calibrate
+from oaq_plugin.pipeline.capture.layer_capture import capture_windows
+from oaq_plugin.pipeline.stages.search import LayerProblem, minimize_scalar, search
 from oaq_plugin.quant import DualRegionQuantizer, quant_layers, set_mode
 from oaq_plugin.quant.convert import convert
+from oaq_plugin.quant.fast_fake_quant import lookup_quantizer
 from tiny_sr import calibrated_tiny, single_thread  # noqa: F401 (autouse fixture)
 
 SMALL = {'num_samples': 4, 'window': 8, 'grid_size': 6, 'refine_rounds': 2}
@@ -56,7 +57,7 @@ def one_conv_setup(seed=0, skew=0.0, search_options=None):
 
 def layer_errors(qmodel, config, batches):
     """Each layer's output error on the windows the search captures (float inputs)."""
-    from oaq_plugin.pipeline.layer_capture import first_samples
+    from oaq_plugin.pipeline.capture.layer_capture import first_samples
     samples = first_samples(batches, config.search.num_samples)
     names = [n for n, _ in quant_layers(qmodel)]
     set_mode(qmodel, 'float')
@@ -112,7 +113,7 @@ def test_search_disabled_keeps_the_percentile_initialization():
     base = {'layer_bits': {'conv': 4}, 'search': {**SMALL}}
     plain = run_pipeline(model, batches, {**base, 'search': {**SMALL, 'enabled': False}})
     searched = run_pipeline(model, batches, base)
-    assert plain.search is None and searched.search is not None
+    assert 'search' not in plain.reports and 'search' in searched.reports
     reference = convert(model, OAQConfig.from_dict(base), batches[0][:1])
     calibrate(reference, batches, OAQConfig.from_dict(base))
     assert float(plain.model.conv.act_quantizer.breakpoint) == float(reference.conv.act_quantizer.breakpoint)
@@ -139,7 +140,7 @@ def test_memory_groups_do_not_change_the_result(monkeypatch):
     search(qmodel, batches, config)
     small_budget = config.replace(search=type(config.search)(**{**config.search.__dict__, 'memory_mb': 16}))
     # A budget below one layer's capture makes one group per layer.
-    from oaq_plugin.pipeline import layer_capture
+    from oaq_plugin.pipeline.capture import layer_capture
     original = layer_capture.split_by_budget
     groups_seen = []
 
@@ -167,7 +168,7 @@ def test_fast_quantizer_matches_the_grid_off_ties():
     q.set_bounds(-30.0, 55.0)
     q.set_breakpoint(4.0)
     x = torch.randn(50_000) ** 3 * 5
-    fast = fast_quantizer(q.grid())(x)
+    fast = lookup_quantizer(q.grid())(x)
     assert float((fast == q(x)).float().mean()) > 0.999
 
 
@@ -215,7 +216,7 @@ class SharedBlock(nn.Module):
 
 
 def test_a_layer_run_twice_is_captured_on_both_calls():
-    from oaq_plugin.pipeline.layer_capture import call_counts
+    from oaq_plugin.pipeline.capture.layer_capture import call_counts
     model = SharedBlock().eval()
     batches = [torch.rand(4, 3, 12, 12) for _ in range(2)]
     config = OAQConfig.from_dict({'search': SMALL})

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from oaq_plugin import OAQConfig
-from oaq_plugin.pipeline.sensitivity import (LayerSensitivity, SensitivityReport, allocate_bits, fidelity_pairs,
+from oaq_plugin.config import AnalysisConfig
+from oaq_plugin.pipeline.analysis.sensitivity import (LayerSensitivity, SensitivityReport, allocate_bits, fidelity_pairs,
                                              layer_sensitivity, plot_sensitivity, psnr_y, sensitivity_allocation)
 from oaq_plugin.quant import quant_layers
 from tiny_sr import calibrated_tiny, tiny_images, single_thread  # noqa: F401 (autouse fixture)
@@ -100,9 +101,10 @@ def test_allocation_respects_the_budget_and_favours_sensitive_layers():
 
 def test_allocation_against_uniform_end_to_end():
     model, _, source, _, batches = calibrated_tiny()
-    config = OAQConfig.from_dict({'search': TINY_SEARCH, 'analysis': {'allocation_offsets': [-1, 0, 1]}})
+    config = OAQConfig.from_dict({'search': TINY_SEARCH})
     holdout = tiny_images(2, size=16, seed=9)
-    result = sensitivity_allocation(model, batches, holdout, config, crop_border=2)
+    result = sensitivity_allocation(model, batches, holdout, config, crop_border=2,
+                                    analysis=AnalysisConfig(allocation_offsets=[-1, 0, 1]))
     assert set(result.allocation) == {'block1.conv1', 'block1.conv2', 'block2.conv1', 'block2.conv2'}
     assert set(result.allocation.values()) <= {3, 4, 5}
     assert result.average_bits <= 4.0 + 1e-9
@@ -113,7 +115,7 @@ def test_allocation_against_uniform_end_to_end():
 @pytest.mark.slow
 def test_real_checkpoint_sensitivity(shared, tmp_path):
     from oaq_plugin.archs.zoo import build_zoo_model
-    from oaq_plugin.pipeline.calibrate import calibrate
+    from oaq_plugin.pipeline.stages.calibrate import calibrate
     from oaq_plugin.quant.convert import convert
     from tiny_sr import calibration_crops
     model = build_zoo_model('imdn_x4', shared)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from oaq_plugin import OAQConfig
-from oaq_plugin.pipeline.calibrate import calibrate
-from oaq_plugin.pipeline.patches import PatchSource
+from oaq_plugin.pipeline.stages.calibrate import calibrate
+from oaq_plugin.pipeline.io.patches import PatchSource
 from oaq_plugin.quant.convert import convert
 
 
@@ -77,7 +77,7 @@ def single_thread():
 
 def calibration_crops(shared, count=4, size=32, seed=0):
     """``count`` random LR crops of the SunHays80 x4 calibration images (never a test set)."""
-    from oaq_plugin.pipeline.images import read_image
+    from oaq_plugin.pipeline.io.images import read_image
     files = sorted((shared / 'data/calib/SunHays80/LR_bicubic/X4').glob('*.png'))[:8]
     images = [read_image(f) for f in files]
     return PatchSource(images).batches(1, count, size, seed)[0]

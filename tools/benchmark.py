@@ -109,7 +109,7 @@ def test_pairs(shared: Path, name: str, scale: int):
     """``(image name, LR tensor, HR BGR uint8)`` of a benchmark set."""
     import cv2
 
-    from oaq_plugin.pipeline.images import read_image
+    from oaq_plugin.pipeline.io.images import read_image
     root = shared / 'data' / 'benchmark' / name
     pairs = []
     for hr_path in sorted((root / 'HR').glob('*.png')):
@@ -124,7 +124,7 @@ def evaluate(net, fp_net, pairs, scale: int) -> Dict[str, float]:
     import torch
     from basicsr.metrics.psnr_ssim import calculate_psnr, calculate_ssim
 
-    from oaq_plugin.pipeline.color import mean_delta_e
+    from oaq_plugin.pipeline.metrics.image_quality import mean_delta_e
     values: Dict[str, List[float]] = {'psnr': [], 'ssim': [], 'delta_e': [], 'fidelity_psnr': []}
     with torch.no_grad():
         for _, lr, hr in pairs:
@@ -166,8 +166,8 @@ def run_worker(spec: dict) -> dict:
     install_basicsr_compat()
     from oaq_plugin import OAQConfig, run_pipeline
     from oaq_plugin.archs.zoo import ZOO, build_zoo_model
-    from oaq_plugin.pipeline.images import read_image
-    from oaq_plugin.pipeline.patches import PatchSource
+    from oaq_plugin.pipeline.io.images import read_image
+    from oaq_plugin.pipeline.io.patches import PatchSource
 
     torch.set_num_threads(spec['threads'])
     shared = Path(spec['shared'])
@@ -191,26 +191,20 @@ def run_worker(spec: dict) -> dict:
         start = time.perf_counter()
         record['metrics'] = {name: evaluate(qmodel, model, pairs, entry.scale) for name, pairs in sets.items()}
         record['timings'] = {**result.timings, 'validate_s': time.perf_counter() - start}
-        if result.finetune is not None:
-            ft = result.finetune
+        from oaq_plugin.pipeline.stages.base import UnitReport
+        for name, report in result.reports.items():
+            data = report.to_dict()
+            record[name] = {k: v for k, v in data.items() if k.startswith('relative_error_')}
+            if isinstance(report, UnitReport) and report.entries and hasattr(report.entries[0], 'kept'):
+                record[name][f'{report.ENTRIES}_kept'] = sum(entry.kept for entry in report.entries)
+                record[name][report.ENTRIES] = len(report.entries)
+        ft = result.reports.get('finetune')
+        if ft is not None:
             record['finetune'] = {'iterations': ft.iterations, 'seconds_per_iteration': ft.seconds_per_iteration,
                                   'fp_iteration_s': iteration_seconds(model.train(), config.finetune.batch_size,
                                                                       config.finetune.patch_size, entry.scale)}
             model.eval()
             record['finetune']['student_vs_fp'] = ft.seconds_per_iteration / record['finetune']['fp_iteration_s']
-        if result.search is not None:
-            data = result.search.to_dict()
-            record['search'] = {k: data[k] for k in ('relative_error_initial', 'relative_error_searched') if k in data}
-        if result.rounding is not None:
-            data = result.rounding.to_dict()
-            record['rounding'] = {k: data[k] for k in ('relative_error_nearest', 'relative_error_learned')}
-            record['rounding']['layers_kept'] = sum(layer['kept'] for layer in data['layers'])
-            record['rounding']['layers'] = len(data['layers'])
-        if result.reconstruction is not None:
-            data = result.reconstruction.to_dict()
-            record['reconstruction'] = {k: data[k] for k in ('relative_error_before', 'relative_error_after')}
-            record['reconstruction']['blocks_kept'] = sum(block['kept'] for block in data['blocks'])
-            record['reconstruction']['blocks'] = len(data['blocks'])
     record['peak_rss_mb'] = peak_rss_mb()
     record['model_rss_mb'] = base_rss
     return record
@@ -243,7 +237,17 @@ def run_one(spec: dict, out: Path) -> dict:
     return record
 
 
+# What a stage's timing cell adds from the record (a stage not named here shows its seconds only).
+STAGE_DETAILS = {
+    'finetune': (' (iters, student/FP iter)',
+                 lambda r: f" ({r['finetune']['iterations']}, {r['finetune']['student_vs_fp']:.2f}x)"
+                 if r.get('finetune') else ''),
+}
+
+
 def markdown(payload: dict) -> List[str]:
+    from oaq_plugin.pipeline.run import stage_names
+    stages = stage_names()
     env = payload['environment']
     sets = payload['sets']
     lines = [f"Quality ladder, {env['date']}, {env['machine']}, torch {env['torch']}, {env['threads']} threads",
@@ -255,7 +259,7 @@ def markdown(payload: dict) -> List[str]:
              f"{payload['ft_patch'] or 'the default size (96)'}, batch 2; calibration: 6 batches of 16 crops (96 px).",
              '']
     header = '| model | configuration | ' + ' | '.join(f'{s} PSNR / SSIM | {s} dE | {s} fidelity' for s in sets) + \
-        ' | calib s | search s | rounding s | reconstruction s | FT s (iters, student/FP iter) | peak RSS MiB |'
+        ''.join(f" | {name} s{STAGE_DETAILS.get(name, ('', None))[0]}" for name in stages) + ' | peak RSS MiB |'
     lines += [header, '|' + '---|' * (header.count('|') - 1)]
     for r in payload['records']:
         if 'error' in r:
@@ -267,14 +271,11 @@ def markdown(payload: dict) -> List[str]:
             fid = f"{m['fidelity_psnr']:.2f}" if 'fidelity_psnr' in m else ''
             cells += [f"{m['psnr']:.2f} / {m['ssim']:.4f}", f"{m['delta_e']:.3f}", fid]
         t = r.get('timings', {})
-        ft = r.get('finetune')
-        ft_cell = f"{t.get('finetune_s', 0):.0f} ({ft['iterations']}, {ft['student_vs_fp']:.2f}x)" if ft else ''
-        calib = f"{t['calibrate_s']:.0f}" if 'calibrate_s' in t else ''
-        search = f"{t['search_s']:.0f}" if t.get('search_s') else ''
-        rounding = f"{t['rounding_s']:.0f}" if t.get('rounding_s') else ''
-        reconstruction = f"{t['reconstruction_s']:.0f}" if t.get('reconstruction_s') else ''
-        lines.append(f"| {r['model']} | {r['label']} | " + ' | '.join(cells) +
-                     f" | {calib} | {search} | {rounding} | {reconstruction} | {ft_cell} | {r['peak_rss_mb']:.0f} |")
+        for name in stages:
+            seconds = t.get(f'{name}_s')
+            detail = STAGE_DETAILS.get(name, ('', lambda r: ''))[1](r)
+            cells.append(f'{seconds:.0f}{detail}' if seconds else '')
+        lines.append(f"| {r['model']} | {r['label']} | " + ' | '.join(cells) + f" | {r['peak_rss_mb']:.0f} |")
     return lines
 
 

@@ -2,19 +2,31 @@
 
 Usage::
 
-    python tools/heldout_fidelity.py [--model imdn_x4] ["{python dict of oaq overrides}" ...]
+    python tools/heldout_fidelity.py [--model imdn_x4] [--base w8a8|default] [--json PATH] [--no-split] \
+        ["{python dict of oaq overrides}" ...]
 
 Calibrates on the first 60 SunHays80 LR images (6 batches of 16 crops, 96 px) and measures fidelity
 PSNR-Y (crop = scale) of the quantized output against the float output on 128-px centre crops of the
 other 20 SunHays80 images: a held-out signal, so option choices made with it never see a test set.
-Each variant is W8A8 with the search disabled unless the overrides say otherwise (e.g.
-``"{'w_bits': 4, 'a_bits': 4, 'search': {'enabled': True}}"``).
+Each variant is its overrides on a base: ``--base w8a8`` (the default of this tool) is W8A8 with the search
+disabled, ``--base default`` is ``OAQConfig()`` (today's recipe); any key, a preset, any stage or any
+reconstruction lever can be overridden, e.g.
+``"{'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': True, 'group_siblings': True}}"``.
+Sections are merged key by key into the base's. Every variant's numbers, its whole config and its seconds
+per stage go to a JSON file (``--json``; by default ``docs/bench/heldout_<model>_<time>.json``).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import copy
+import datetime
+import json
+import platform
 import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from oaq_plugin.compat import install_basicsr_compat
 
@@ -24,15 +36,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
 
-from oaq_plugin import quantize  # noqa: E402
+from oaq_plugin import run_pipeline  # noqa: E402
 from oaq_plugin.archs.zoo import ZOO, build_zoo_model  # noqa: E402
+from oaq_plugin.config import OAQConfig  # noqa: E402
 from oaq_plugin.paths import shared_root  # noqa: E402
-from oaq_plugin.pipeline.images import read_image  # noqa: E402
-from oaq_plugin.pipeline.patches import PatchSource  # noqa: E402
+from oaq_plugin.pipeline.io.images import read_image  # noqa: E402
+from oaq_plugin.pipeline.io.patches import PatchSource  # noqa: E402
 from oaq_plugin.quant import quant_layers  # noqa: E402
 
 CALIBRATION_IMAGES = 60
 HELD_OUT_CROP = 128
+ROOT = Path(__file__).resolve().parents[1]
+# The bases variants are given on: this tool's historical W8A8 without search, and today's defaults.
+BASES: Dict[str, Dict[str, Any]] = {'w8a8': {'w_bits': 8, 'a_bits': 8, 'search': {'enabled': False}},
+                                    'default': {}}
 
 
 def centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -45,41 +62,96 @@ def to_uint8(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.squeeze(0).clamp(0, 1).permute(1, 2, 0).numpy()[:, :, ::-1] * 255.0).round().astype(np.uint8)
 
 
-def main(argv=None) -> int:
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``overrides``, sections merged key by key."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence[torch.Tensor], scale: int,
+            variants: Sequence[Mapping[str, Any]], base: Mapping[str, Any], split: bool = True,
+            log=print) -> List[Dict[str, Any]]:
+    """Quantize ``model`` once per variant and measure the fidelity PSNR-Y of its output against the float
+    output on ``held_out`` inputs; with ``split``, also with only the weights or only the activations
+    quantized (copies of the same quantized model, so the split costs no second quantization).
+
+    Returns one record per variant: the overrides, the whole config, ``fidelity`` (``all`` and, with
+    ``split``, ``weights_only`` and ``activations_only``), seconds per stage and in all.
+    """
+    with torch.no_grad():
+        references = [to_uint8(model(x)) for x in held_out]
+
+    def fidelity(net: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(np.mean([calculate_psnr(to_uint8(net(x)), ref, scale, test_y_channel=True)
+                                  for x, ref in zip(held_out, references)]))
+
+    records = []
+    for extra in variants:
+        config = OAQConfig.from_dict(merged(base, extra))
+        start = time.perf_counter()
+        result = run_pipeline(model, calibration, config)
+        seconds = time.perf_counter() - start
+        qmodel = result.model
+        scores = {'all': fidelity(qmodel)}
+        log(f'{extra} all {scores["all"]:.3f}  ({seconds:.0f} s)')
+        if split:
+            weights_only = copy.deepcopy(qmodel)
+            for _, layer in quant_layers(weights_only):
+                layer.act_quantizer.forward = lambda x: x
+            scores['weights_only'] = fidelity(weights_only)
+            log(f'{extra} weights only {scores["weights_only"]:.3f}')
+            activations_only = copy.deepcopy(qmodel)
+            for _, layer in quant_layers(activations_only):
+                layer.weight_quantizer.forward = lambda w: w
+            scores['activations_only'] = fidelity(activations_only)
+            log(f'{extra} activations only {scores["activations_only"]:.3f}')
+        records.append({'overrides': extra, 'config': config.to_dict(), 'fidelity_psnr_y': scores,
+                        'stage_seconds': dict(result.timings), 'quantize_seconds': seconds,
+                        'reconstruction': result.report_dicts().get('reconstruction')})
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default='imdn_x4', choices=sorted(ZOO))
+    parser.add_argument('--base', default='w8a8', choices=sorted(BASES),
+                        help='what the variants override: w8a8 (W8A8, search off) or default (OAQConfig())')
     parser.add_argument('--no-split', action='store_true', help='skip the weights-only / activations-only rows')
+    parser.add_argument('--json', help='where to write the results (default: docs/bench/heldout_<model>_<time>.json)')
     parser.add_argument('variants', nargs='*', help='python dicts of oaq overrides (default: one, empty)')
     args = parser.parse_args(argv)
     overrides = [ast.literal_eval(text) for text in args.variants] or [{}]
+    for extra in overrides:
+        OAQConfig.from_dict(merged(BASES[args.base], extra))  # refuse a bad variant before any work
     shared = shared_root()
     scale = ZOO[args.model].scale
     model = build_zoo_model(args.model, shared)
     files = sorted((shared / f'data/calib/SunHays80/LR_bicubic/X{scale}').glob('*.png'))
     calibration = PatchSource([read_image(p) for p in files[:CALIBRATION_IMAGES]])
     held_out = [centre_crop(read_image(p), HELD_OUT_CROP)[None] for p in files[CALIBRATION_IMAGES:]]
-    with torch.no_grad():
-        references = [to_uint8(model(x)) for x in held_out]
-
-    def fidelity(net) -> float:
-        with torch.no_grad():
-            return float(np.mean([calculate_psnr(to_uint8(net(x)), ref, scale, test_y_channel=True)
-                                  for x, ref in zip(held_out, references)]))
-
     print(f'{args.model}: fidelity PSNR-Y vs FP on {len(held_out)} held-out SunHays80 crops', flush=True)
-    for extra in overrides:
-        config = {'w_bits': 8, 'a_bits': 8, 'search': {'enabled': False}, **extra}
-        print(f'{extra} all {fidelity(quantize(model, calibration, config)):.3f}', flush=True)
-        if args.no_split:
-            continue
-        qmodel = quantize(model, calibration, config)
-        for _, layer in quant_layers(qmodel):
-            layer.act_quantizer.forward = lambda x: x
-        print(f'{extra} weights only {fidelity(qmodel):.3f}', flush=True)
-        qmodel = quantize(model, calibration, config)
-        for _, layer in quant_layers(qmodel):
-            layer.weight_quantizer.forward = lambda w: w
-        print(f'{extra} activations only {fidelity(qmodel):.3f}', flush=True)
+    records = measure(model, calibration, held_out, scale, overrides, BASES[args.base], split=not args.no_split,
+                      log=lambda line: print(line, flush=True))
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    path = Path(args.json) if args.json else ROOT / 'docs' / 'bench' / f'heldout_{args.model}_{stamp}.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        'command': 'python tools/heldout_fidelity.py ' + ' '.join(
+            f'"{a}"' if (' ' in a or '{' in a) else a for a in (argv if argv is not None else sys.argv[1:])),
+        'model': args.model, 'base': args.base, 'torch_threads': torch.get_num_threads(),
+        'machine': f'{platform.machine()} {platform.processor() or platform.platform()}',
+        'calibration': f'SunHays80 LR x{scale} images 1-{CALIBRATION_IMAGES}',
+        'held_out': (f'SunHays80 LR x{scale} images {CALIBRATION_IMAGES + 1}-{len(files)}, '
+                     f'{HELD_OUT_CROP}-px centre crops'),
+        'metric': 'fidelity PSNR-Y (quantized vs float output, crop = scale, uint8)',
+        'variants': records}, indent=1) + '\n')
+    print(f'wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}', flush=True)
     return 0
 
 

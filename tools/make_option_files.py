@@ -1,7 +1,7 @@
 """Write the shipped BasicSR option files (``options/*.yml`` and ``options/zoo/*.yml``) from one place.
 
-The ``oaq:`` section of every file is ``OAQConfig``'s defaults plus the overrides below, written out in
-full so that BasicSR's ``--force_yml oaq:finetune:enabled=false`` style overrides reach every key.
+The ``oaq:`` section of every file is ``OAQOptions``' defaults (the method's and the run's) plus the overrides
+below, written out in full so that BasicSR's ``--force_yml oaq:finetune:enabled=false`` style overrides reach every key.
 Run from the repository root: ``python tools/make_option_files.py`` (``--check`` only compares).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Dict
 import yaml
 
 from oaq_plugin.archs.zoo import ZOO, ZooEntry
-from oaq_plugin.config import OAQConfig
+from oaq_plugin.config import OAQOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = '../shared'
@@ -29,14 +29,14 @@ def metrics(scale: int) -> Dict[str, Any]:
 
 
 def oaq_section(calib_root: str, **overrides: Any) -> Dict[str, Any]:
-    options = OAQConfig().to_dict()
+    options = OAQOptions().to_dict()
     options['calib']['dataroot_lq'] = calib_root
     for key, value in overrides.items():
         if isinstance(value, dict):
             options[key].update(value)
         else:
             options[key] = value
-    OAQConfig.from_dict(options)
+    OAQOptions.from_dict(options)
     return options
 
 

@@ -96,7 +96,7 @@ def ru_maxrss_mib() -> float:
 
 
 def calibration_images(shared: Path, count: int) -> List[Any]:
-    from oaq_plugin.pipeline.images import read_image
+    from oaq_plugin.pipeline.io.images import read_image
     return [read_image(f) for f in sorted((shared / CALIB_FOLDER).glob('*.png'))[:count]]
 
 
@@ -125,7 +125,7 @@ def run_child(name: str, spec: Dict[str, Any], threads: int, tile_pad: int, out:
         from oaq_plugin.pipeline.inference import run_tiled
         net = model
         if spec['path'] != 'fp':
-            from oaq_plugin.pipeline.patches import PatchSource
+            from oaq_plugin.pipeline.io.patches import PatchSource
             crops = PatchSource(calibration_images(shared, 8)).batches(2, 8, 48, seed=0)
             net = run_pipeline(model, crops, {'w_bits': 4, 'a_bits': 4, 'search': {'enabled': False}}).model
             to_backend(net, spec['path'])
@@ -137,7 +137,7 @@ def run_child(name: str, spec: Dict[str, Any], threads: int, tile_pad: int, out:
                 out_tensor = run_tiled(net, x, scale, spec['tile'], tile_pad)
             record['output_shape'] = list(out_tensor.shape)
     else:
-        from oaq_plugin.basicsr_plugin.calibration_data import calibration_source
+        from oaq_plugin.experiment.calibration_data import calibration_source
         from oaq_plugin.config import OAQConfig
         config = OAQConfig.from_dict({'calib': {'dataroot_lq': str(shared / CALIB_FOLDER), 'num_images': spec['images'],
                                                 'num_batches': spec['batches']}, 'search': {'enabled': False}})

@@ -6,13 +6,14 @@ from typing import Dict, Optional, Tuple
 
 from torch import nn
 
+from ..config import BACKENDS, RunOptions
 from ..errors import ConfigError, UnsupportedLayerError, closest
 from ..quant.attention import quant_matmuls
 from ..quant.layers import quant_layers
+from .int8_backend import Int8Executor, int8_unsupported_reason
 from .reference import ReferenceExecutor
 from .triton_backend import TritonExecutor, triton_available, unsupported_reason
 
-BACKENDS = ('fake', 'reference', 'triton', 'auto')
 logger = logging.getLogger('oaq_plugin')
 
 
@@ -27,12 +28,16 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend '{backend}'{closest(backend, BACKENDS)}; choose one of: "
                           f"{', '.join(BACKENDS)}")
+    if backend == 'onnxruntime':
+        # A whole-network backend: the run exports the network and validates the ONNX file.
+        raise ConfigError("backend 'onnxruntime' runs the whole exported network, not single layers: export it with "
+                          "oaq_plugin.export_onnx (a run with oaq.backend: onnxruntime does this itself)")
     if backend != 'auto':
         return backend
     return 'triton' if _on_cuda(model) and triton_available()[0] else 'reference'
 
 
-def to_backend(qmodel: nn.Module, backend: str = 'auto', precision: str = 'ieee',
+def to_backend(qmodel: nn.Module, backend: str = RunOptions.backend, precision: str = 'ieee',
                blocks: Optional[Tuple[int, int, int]] = None) -> nn.Module:
     """Set how every quantized layer of ``qmodel`` runs in ``quant`` mode, in place.
 
@@ -42,23 +47,36 @@ def to_backend(qmodel: nn.Module, backend: str = 'auto', precision: str = 'ieee'
         qmodel: A quantized model (from :func:`oaq_plugin.quantize`).
         backend: ``fake`` (fake quantization, differentiable), ``reference`` (integer codes decoded in
             PyTorch), ``triton`` (fused kernels; layers they cannot run use the reference, one log line
-            each) or ``auto`` (triton when the model is on CUDA, else reference).
+            each), ``triton_int8`` (int8 x int8 -> int32 kernels for layers whose input grid is an integer
+            lattice; other layers use ``triton``, or the reference where that cannot run either, one log
+            line each) or ``auto`` (triton when the model is on CUDA, else reference).
         precision: Triton ``tl.dot`` input precision (``ieee``, ``tf32x3`` or ``tf32``).
-        blocks: Optional Triton ``(BLOCK_M, BLOCK_N, BLOCK_K)`` override.
+        blocks: Optional Triton ``(BLOCK_M, BLOCK_N, BLOCK_K)`` override (int8 needs ``BLOCK_K >= 32``).
 
     Returns:
         ``qmodel``.
     """
     chosen = resolve_backend(qmodel, backend)
     layers = quant_layers(qmodel)
-    if chosen == 'triton':
+    if chosen in ('triton', 'triton_int8'):
         available, why = triton_available()
         if not available:
-            raise UnsupportedLayerError(f"the triton backend cannot run here: {why}; use backend 'reference'")
+            raise UnsupportedLayerError(f"the {chosen} backend cannot run here: {why}; use backend 'reference'")
     for name, layer in layers:
         if chosen == 'fake':
             layer.executor, layer.executor_name = None, 'fake'
             continue
+        if chosen == 'triton_int8':
+            reason = int8_unsupported_reason(layer)
+            if reason is None:
+                layer.executor, layer.executor_name = Int8Executor(blocks), 'triton_int8'
+                continue
+            fallback = 'triton' if unsupported_reason(layer) is None else 'reference'
+            logger.warning("layer '%s' (%s) runs on the %s backend, not triton_int8: %s", layer.layer_name or name,
+                           type(layer.module).__name__, fallback, reason)
+            if fallback == 'triton':
+                layer.executor, layer.executor_name = TritonExecutor(precision, blocks), 'triton'
+                continue
         if chosen == 'triton':
             reason = unsupported_reason(layer)
             if reason is None:

@@ -1,1 +1,1 @@
-"""BasicSR adapter: registration, the OAQ model, metrics and the test entry point."""
+"""BasicSR adapter: registration, the OAQ model, its metrics and the checks of an option file before a run."""

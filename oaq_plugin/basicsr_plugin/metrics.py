@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..pipeline.color import mean_delta_e
+from ..pipeline.metrics.image_quality import mean_delta_e
 
 
 def _crop(img: np.ndarray, border: int) -> np.ndarray:

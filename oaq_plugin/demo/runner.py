@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..pipeline.resume import STAGES
+from ..pipeline.run import stage_names
 from . import demo_data, network, sample_images
 
 OPTIONS_DIR = Path(__file__).resolve().parent / 'options'
@@ -121,7 +121,7 @@ def summary(runs: Sequence[DemoRun], reports: Dict[str, Dict], wall: Dict[str, f
         report = reports[run.name]
         metrics = report['datasets'][DATASET]
         timings = report['timings']
-        quantize_s = sum(timings.get(f'{stage}_s', 0.0) for stage in STAGES if stage != 'done')
+        quantize_s = sum(timings.get(f'{stage}_s', 0.0) for stage in stage_names())
         rows.append([run.label, f'{metrics["quant"]["psnr"]:.2f}', f'{metrics["quant"]["ssim"]:.4f}',
                      f'{metrics["fidelity_psnr"]:.2f}', f'{metrics["delta_e"]:.3f}', f'{quantize_s:.1f}',
                      f'{wall[run.name]:.1f}', f'{report["sizes_bytes"]["quant"] / 1024:.0f}'])

@@ -1,15 +1,15 @@
 """``OAQHook``: quantize the SR network inside an mmengine Runner before testing, and report what it measured.
 
 Enable it from a config with ``custom_imports=dict(imports=['oaq_plugin.mmengine_plugin'],
-allow_failed_imports=False)`` and ``custom_hooks=[dict(type='OAQHook', oaq=dict(...))]``. It writes the
-same ``oaq_report.json`` as the BasicSR adapter, into ``runner.work_dir``.
+allow_failed_imports=False)`` and ``custom_hooks=[dict(type='OAQHook', oaq=dict(...))]``. The run itself is
+:class:`~oaq_plugin.experiment.Experiment`, as in the BasicSR adapter: the same ``oaq_report.json``,
+``quantized.pth``, histograms, crops and ``run.txt``, written into ``runner.work_dir``.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import random
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -22,19 +22,17 @@ from mmengine.registry import HOOKS
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..backends.select import backend_summary, to_backend
-from ..config import OAQConfig
+from ..config import OAQConfig, OAQOptions
 from ..errors import ConfigError, DataError
-from ..pipeline.calibrate import model_device
-from ..pipeline.color import mean_delta_e
-from ..pipeline.export import float_size_bytes, quantized_size_bytes, save_quantized
-from ..pipeline.figures import activation_histograms
-from ..pipeline.patches import PatchSource
-from ..pipeline.report import RunReport
-from ..pipeline.run import PipelineResult, run_pipeline
-from .metrics import psnr, tensor_to_uint8
+from ..experiment import STATE_FILE, Experiment, calibration_source
+from ..experiment.validation import DatasetTally
+from ..pipeline.inference import TiledNetwork
+from ..pipeline.io.patches import PatchSource
+from ..pipeline.io.report import RunReport
+from ..pipeline.metrics.image_quality import tensor_to_uint8
+from ..pipeline.run import PipelineResult
+from ..pipeline.stages.calibrate import model_device
 
-REPORT_NAME = 'oaq_report.json'
 PROBE_SIZE = 16
 
 
@@ -114,8 +112,8 @@ def dataset_source(dataset: Any, collate: Any, preprocessor: nn.Module, num_imag
     return PatchSource(loaders, [f'{type(dataset).__name__}[{index}]' for index in indices])
 
 
-def _prediction(sample: Any) -> Optional[torch.Tensor]:
-    value = sample.get('pred_img') if hasattr(sample, 'get') else None
+def _prediction(sample: Any, key: str = 'pred_img') -> Optional[torch.Tensor]:
+    value = sample.get(key) if hasattr(sample, 'get') else None
     return getattr(value, 'data', value) if value is not None else None
 
 
@@ -127,6 +125,19 @@ def _number(value: Any) -> Any:
     return value
 
 
+def dataset_files(dataset: Any) -> List[Path]:
+    """The image files a dataset reads: the ``*_path`` entries of its data infos (none for other datasets)."""
+    files: List[Path] = []
+    get_info = getattr(dataset, 'get_data_info', None)
+    if get_info is None:
+        return files
+    for index in range(len(dataset)):
+        info = get_info(index)
+        if isinstance(info, Mapping):
+            files += [Path(v) for k, v in info.items() if k.endswith('_path') and isinstance(v, str)]
+    return files
+
+
 @HOOKS.register_module()
 class OAQHook(Hook):
     """Quantize the model's SR network before the test (and, if asked, each validation) and report on it.
@@ -135,13 +146,18 @@ class OAQHook(Hook):
     float weights are never touched), optionally finetunes it, and puts the copy in the network's place
     inside ``runner.model``, where it stays after the test. During the test it also runs the float
     network on each batch, so that ``oaq_report.json`` (in ``runner.work_dir``) holds the test
-    metrics of both, the fidelity PSNR of quantized vs float outputs and their mean Delta E. Under
-    ``before_val=True`` the same happens before each validation, and the float network is put back
-    after it, before checkpoints are saved, so training goes on in float.
+    metrics of both, the fidelity PSNR of quantized vs float outputs and their mean Delta E, and
+    ``crops/`` the side-by-side crops. Under ``before_val=True`` the same happens before each
+    validation, and the float network is put back after it, before checkpoints are saved, so training
+    goes on in float.
+
+    Every option of the ``oaq:`` section works here: ``backend``; ``tile`` (the test loop then runs both
+    networks tile by tile); ``analysis``; ``resume`` (a test run stopped by SIGINT/SIGTERM saves its state
+    to ``work_dir/oaq_resume_state.pth``, single process only, not with ``before_val``).
 
     Args:
-        oaq: The method's configuration, as the ``oaq:`` section of a BasicSR option file
-            (:class:`~oaq_plugin.config.OAQConfig`); unknown keys raise a ConfigError naming the closest.
+        oaq: The ``oaq:`` section of a BasicSR option file (:class:`~oaq_plugin.config.OAQOptions`, a mapping
+            or an :class:`~oaq_plugin.config.OAQConfig`); unknown keys raise a ConfigError naming the closest.
         calib_dataloader: Dataloader (or its config) of the calibration images; its LR inputs pass the
             model's data preprocessor, then ``oaq.calib`` decides how many patches of which size are cut
             (``num_images`` of the dataset are used, all by default). Without it, the folder
@@ -157,14 +173,21 @@ class OAQHook(Hook):
 
     priority = 'NORMAL'
 
-    def __init__(self, oaq: Union[OAQConfig, Mapping[str, Any], None] = None,
+    def __init__(self, oaq: Union[OAQOptions, OAQConfig, Mapping[str, Any], None] = None,
                  calib_dataloader: Union[DataLoader, Mapping[str, Any], None] = None,
                  attribute: Optional[str] = None, before_val: bool = False, compare_fp: bool = True,
                  data_range: float = 1.0, save_quantized: bool = True) -> None:
-        self.config = OAQConfig.coerce(oaq)
+        self.options = OAQOptions.coerce(oaq)
+        self.config = self.options.method
         if calib_dataloader is not None and not isinstance(calib_dataloader, (DataLoader, Mapping)):
             raise ConfigError(f'OAQHook: calib_dataloader must be a DataLoader or its config dict, got '
                               f'{type(calib_dataloader).__name__}')
+        if self.options.run.resume and before_val:
+            raise ConfigError('oaq.resume: OAQHook resumes the quantization before a test; with before_val=True it '
+                              'quantizes at every validation, which is not resumable: leave resume off')
+        # Checked now, before the runner starts: a missing or empty calibration folder stops the run here.
+        self._folder_source = (calibration_source(self.config.calib)
+                               if calib_dataloader is None and self.config.calib.dataroot_lq else None)
         self.calib_dataloader = calib_dataloader
         self.attribute = attribute
         self.quantize_before_val = before_val
@@ -173,14 +196,16 @@ class OAQHook(Hook):
         self.save_quantized = save_quantized
         self.fp_network: Optional[nn.Module] = None
         self.quant_network: Optional[nn.Module] = None
+        self.experiment: Optional[Experiment] = None
         self.result: Optional[PipelineResult] = None
         self.report: Optional[RunReport] = None
         self._location: Optional[Tuple[nn.Module, str]] = None
+        # What is put in the network's place: the networks, or tiled runners of them (oaq.tile).
+        self._fp_slot: Optional[nn.Module] = None
+        self._quant_slot: Optional[nn.Module] = None
         self._fp_evaluator: Any = None
-        # Sums over images: fidelity PSNR, its count, Delta E, its count.
-        self._sums = torch.zeros(4, dtype=torch.float64)
+        self._tally: Optional[DatasetTally] = None
         self._scale = 0
-        self._epoch_start = 0.0
 
     # -- stages ----------------------------------------------------------------------------------------
     def before_test(self, runner) -> None:
@@ -220,35 +245,37 @@ class OAQHook(Hook):
         model = unwrap(runner.model)
         parent, name = locate_network(model, self.attribute)
         network = getattr(parent, name)
-        if self.quant_network is not None and network is self.quant_network:
+        if self.quant_network is not None and network in (self.quant_network, self._quant_slot):
             network = self.fp_network  # a second test: start again from the float network
         network.eval()
         self._location = (parent, name)
         self.fp_network = network
         source, origin = self._calibration_source(runner, model, stage)
-        config, rank, world = self.config, dist.get_rank(), dist.get_world_size()
-        c = config.calib
-        batches = source.batches(c.num_batches, c.batch_size, c.patch_size, c.seed)
-        device = model_device(network)
-        runner.logger.info(f'OAQ: calibrating {type(network).__name__} ({name}) on {len(source)} images of {origin} '
-                           f'({len(batches)} batches of {c.batch_size}x{c.patch_size}^2 patches), W{config.w_bits}'
-                           f'A{config.a_bits} {config.act_quantizer}/{config.levels}, protocol {config.protocol}')
-        self._scale = self._probe_scale(network, source.image(0), device)
-        # Hooks may run under no_grad; finetuning needs autograd.
-        with torch.enable_grad():
-            self.result = run_pipeline(network, [batch.to(device) for batch in batches], config,
-                                       progress=rank == 0, calib_shard=(rank, world), finetune_source=source)
-        self.quant_network = to_backend(self.result.model.to(device).eval(), config.kernel)
-        self._put(self.quant_network)
-        if dist.is_main_process():
-            self._write_artifacts(runner, model, name, origin, backend_summary(self.quant_network))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self._scale = self._probe_scale(network, source.image(0), model_device(network))
+        work_dir = Path(runner.work_dir)
+        self.experiment = Experiment(self.options, work_dir, runner.logger,
+                                     name=getattr(runner, 'experiment_name', None), scale=self._scale,
+                                     progress=rank == 0, rank=rank, world_size=world,
+                                     state_path=work_dir / STATE_FILE if stage == 'test' else None)
+        loader = runner.test_dataloader if stage == 'test' else runner.val_dataloader
+        self.experiment.warn_about_test_sets({_dataset_name(loader.dataset): dataset_files(loader.dataset)})
+        self.experiment.start()
+        generator_cfg = getattr(model, 'generator_cfg', None)
+        self.quant_network = self.experiment.quantize(
+            network, source, origin, arch=generator_cfg, save_model=self.save_quantized, label=f' ({name})',
+            report_extra={'network': {'attribute': self.attribute or name, 'type': type(network).__name__,
+                                      'config': generator_cfg},
+                          'pretrain_network_g': getattr(model, 'pretrained', None) or runner.cfg.get('load_from')})
+        self.result, self.report = self.experiment.pipeline, self.experiment.report
+        self._fp_slot, self._quant_slot = self._slot(self.fp_network), self._slot(self.quant_network)
+        self._put(self._quant_slot)
 
     def _calibration_source(self, runner, model: nn.Module, stage: str) -> Tuple[PatchSource, str]:
         c = self.config.calib
         loader = self.calib_dataloader
-        if loader is None and c.dataroot_lq:
-            from ..basicsr_plugin.calibration_data import calibration_source
-            return calibration_source(c), f'folder {c.dataroot_lq}'
+        if loader is None and self._folder_source is not None:
+            return self._folder_source, f'folder {c.dataroot_lq}'
         if loader is None:
             loader = runner.test_dataloader if stage == 'test' else runner.val_dataloader
             runner.logger.warning(f'OAQ: no calib_dataloader and no oaq.calib.dataroot_lq: calibrating on the '
@@ -269,101 +296,53 @@ class OAQHook(Hook):
             output = network(image[None, :, :side, :side].to(device))
         return max(int(output.shape[-1]) // side, 1)
 
+    def _slot(self, network: nn.Module) -> nn.Module:
+        """The network as the test loop should call it: tiled when ``oaq.tile.size`` asks."""
+        tile = self.options.run.tile
+        return TiledNetwork(network, self._scale, tile.size, tile.pad) if tile.size > 0 else network
+
     def _put(self, network: Optional[nn.Module]) -> None:
         if network is not None and self._location is not None:
             parent, name = self._location
             setattr(parent, name, network)
 
-    def _write_artifacts(self, runner, model: nn.Module, name: str, origin: str, backend: Dict[str, str]) -> None:
-        work_dir = Path(runner.work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        sizes = {'fp': float_size_bytes(self.fp_network), 'quant': quantized_size_bytes(self.quant_network)}
-        extra: Dict[str, Any] = {
-            'name': getattr(runner, 'experiment_name', None),
-            'network': {'attribute': self.attribute or name, 'type': type(self.fp_network).__name__,
-                        'config': getattr(model, 'generator_cfg', None)},
-            'pretrain_network_g': getattr(model, 'pretrained', None) or runner.cfg.get('load_from'),
-            'calibration': origin,
-            'scale': self._scale,
-            'backend': backend,
-        }
-        if self.save_quantized:
-            checkpoint = work_dir / 'quantized.pth'
-            save_quantized(self.quant_network, checkpoint, self.config, arch=extra['network']['config'])
-            sizes['quantized_pth'] = checkpoint.stat().st_size
-            extra['histogram_layers'] = activation_histograms(self.quant_network,
-                                                              work_dir / 'activation_histograms.png')
-        extra['sizes_bytes'] = sizes
-        extra['protocol_note'] = ('fp/quant: the test metrics of the float and the quantized network; '
-                                  'fidelity_psnr = quantized vs float output (Y, crop = scale); delta_e = mean '
-                                  'CIE76 Delta E quantized vs float output (crop = scale)')
-        self.report = RunReport(work_dir / REPORT_NAME, self.result, extra=extra)
-        self.report.write()
-        timings = ', '.join(f'{k} {v:.1f}s' for k, v in self.result.timings.items())
-        runner.logger.info(f'OAQ: quantized {name} in place ({timings}); report: {work_dir / REPORT_NAME}')
-
     # -- evaluation ------------------------------------------------------------------------------------
     def _start_epoch(self, runner, loop) -> None:
-        self._epoch_start = time.perf_counter()
-        self._sums = torch.zeros(4, dtype=torch.float64)
+        self._tally = self.experiment.start_dataset(_dataset_name(loop.dataloader.dataset)) if self.experiment else None
         self._fp_evaluator = copy.deepcopy(loop.evaluator) if self.compare_fp else None
 
     @torch.no_grad()
     def _compare(self, runner, data_batch: Any, outputs: Optional[Sequence], stage: str) -> None:
-        if self._fp_evaluator is None or outputs is None or self.quant_network is None:
+        if self._fp_evaluator is None or outputs is None or self.quant_network is None or self._tally is None:
             return
-        self._put(self.fp_network)
+        self._put(self._fp_slot)
         try:
             step = runner.model.test_step if stage == 'test' else runner.model.val_step
             fp_outputs = step(data_batch)
         finally:
-            self._put(self.quant_network)
+            self._put(self._quant_slot)
         self._fp_evaluator.process(data_samples=fp_outputs, data_batch=data_batch)
         for quant_sample, fp_sample in zip(outputs, fp_outputs):
             quant, fp = _prediction(quant_sample), _prediction(fp_sample)
             if quant is None or fp is None:
                 continue
-            quant_img, fp_img = tensor_to_uint8(quant, self.data_range), tensor_to_uint8(fp, self.data_range)
-            border = self._scale
-            values = [psnr(quant_img, fp_img, border, test_y_channel=True), 1.0, 0.0, 0.0]
-            if quant_img.shape[-1] == 3:  # Delta E needs colour; single-channel (Y) networks have none
-                crop = (slice(border, -border or None),) * 2
-                values[2:] = [mean_delta_e(quant_img[crop] / 255.0, fp_img[crop] / 255.0), 1.0]
-            self._sums += torch.tensor(values, dtype=torch.float64)
+            gt = _prediction(quant_sample, 'gt_img')
+            metainfo = getattr(quant_sample, 'metainfo', None) or {}
+            image = str(metainfo.get('img_name') or f'rank{dist.get_rank()}_image{len(self._tally.per_image)}')
+            self.experiment.compare(self._tally, image, tensor_to_uint8(quant, self.data_range),
+                                    tensor_to_uint8(fp, self.data_range),
+                                    None if gt is None else tensor_to_uint8(gt, self.data_range))
 
     def _finish_epoch(self, runner, loop, metrics: Optional[Dict[str, float]]) -> None:
-        if self.quant_network is None:
+        if self.quant_network is None or self._tally is None:
             return
         dataset = loop.dataloader.dataset
         fp_metrics = self._fp_evaluator.evaluate(len(dataset)) if self._fp_evaluator is not None else {}
-        sums = self._sums.clone()
-        if dist.get_world_size() > 1:
-            dist.all_reduce(sums, op='sum')
-        result = {
-            'fp': {k: _number(v) for k, v in fp_metrics.items()},
-            'quant': {k: _number(v) for k, v in (metrics or {}).items()},
-            'fidelity_psnr': float(sums[0] / sums[1]) if sums[1] else None,
-            'delta_e': float(sums[2] / sums[3]) if sums[3] else None,
-            'num_images': len(dataset),
-        }
-        name = _dataset_name(dataset)
-        runner.logger.info(_summary_table(name, result))
-        if self.report is not None and dist.is_main_process():
-            self.report.add_dataset(name, result, time.perf_counter() - self._epoch_start)
+        self.experiment.finish_dataset(self._tally, (), fp={k: _number(v) for k, v in fp_metrics.items()},
+                                       quant={k: _number(v) for k, v in (metrics or {}).items()},
+                                       num_images=len(dataset))
 
 
 def _dataset_name(dataset: Any) -> str:
     metainfo = getattr(dataset, 'metainfo', None) or {}
     return str(metainfo.get('dataset_name') or type(dataset).__name__)
-
-
-def _summary_table(name: str, result: Dict[str, Any]) -> str:
-    rows = [f'OAQ results on {name} ({result["num_images"]} images):', f'\t{"metric":<14}{"FP":>10}{"quantized":>12}']
-    for metric, value in result['quant'].items():
-        fp = result['fp'].get(metric)
-        fp_text = f'{fp:>10.4f}' if isinstance(fp, float) else f'{"-":>10}'
-        rows.append(f'\t{metric:<14}{fp_text}{value:>12.4f}' if isinstance(value, float) else f'\t{metric:<14}{value}')
-    for metric in ('fidelity_psnr', 'delta_e'):
-        if result[metric] is not None:
-            rows.append(f'\t{metric:<14}{"":>10}{result[metric]:>12.4f}')
-    return '\n'.join(rows)

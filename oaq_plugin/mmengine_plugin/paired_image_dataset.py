@@ -13,7 +13,7 @@ from mmengine.dataset import BaseDataset
 from mmengine.registry import DATASETS
 from mmengine.structures import BaseDataElement
 
-from ..pipeline.images import IMAGE_SUFFIXES, decode_image
+from ..pipeline.io.images import IMAGE_SUFFIXES, decode_image
 from ..errors import DataError
 
 

@@ -34,7 +34,7 @@ def build_generator(generator: Union[nn.Module, Mapping[str, Any]]) -> nn.Module
     if MODELS.get(kind) is not None:
         return MODELS.build(options)
     # Importing basicsr needs the torchvision alias; build_arch installs it before the import.
-    from ..basicsr_plugin.registration import build_arch
+    from ..archs.registry import build_arch
     try:
         return build_arch(options)
     except KeyError:

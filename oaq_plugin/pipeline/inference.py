@@ -46,3 +46,16 @@ def run_tiled(net: nn.Module, x: torch.Tensor, scale: int, tile: int, pad: int, 
             output[..., top * scale:bottom * scale, left * scale:right * scale] = piece[
                 ..., (top - t0) * scale:(bottom - t0) * scale, (left - l0) * scale:(right - l0) * scale]
     return output
+
+
+class TiledNetwork(nn.Module):
+    """``net`` run through :func:`run_tiled`, as a module: for test loops that call the network themselves
+    (an mmengine model's ``generator``). ``tile <= 0`` runs whole images."""
+
+    def __init__(self, net: nn.Module, scale: int, tile: int, pad: int, window: int = 1) -> None:
+        super().__init__()
+        self.net = net
+        self.scale, self.tile, self.pad, self.window = scale, tile, pad, window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_tiled(self.net, x, self.scale, self.tile, self.pad, self.window)

@@ -26,22 +26,21 @@ from ..config import OAQConfig
 from ..errors import ConfigError, DataError, Interrupted, signal_name
 from ..quant.activation import activation_quantizers
 from ..quant.observer import BatchStats, ObservedStats
-from .export import payload_digest, read_verified, save_atomically
+from .io.export import payload_digest, read_verified, save_atomically
 
 logger = logging.getLogger('oaq_plugin')
 
 STATE_FORMAT = 'oaq_plugin.pipeline_state'
-STATE_VERSION = 1
-STATE_FILE_NAME = 'oaq_resume_state.pth'
+# 2: the reports of finished stages under one key, ``reports``, by stage name.
+STATE_VERSION = 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# Stages in the order they run; ``done`` is a run stopped after its last stage (resuming only restores).
-STAGES = ('calibrate', 'search', 'rounding', 'reconstruction', 'finetune', 'done')
-# OAQConfig keys that act after the pipeline (validation backend, tiles, analyses) or on the run itself:
-# a run may resume with these changed, any other change would change the result.
-RESULT_NEUTRAL_KEYS = ('kernel', 'tile', 'analysis', 'resume')
+# The stage of a run stopped after its last stage (resuming it only restores the result).
+DONE = 'done'
 
 PathLike = Union[str, os.PathLike]
+# Returns a stage's state so far; called only when the run stops there.
 Snapshot = Callable[[], Dict[str, Any]]
+# Where a stage may stop: called with the stage's snapshot; saves the run and raises when a stop was asked for.
 SafePoint = Callable[[Snapshot], None]
 
 
@@ -115,8 +114,8 @@ def quantizer_state(qmodel: nn.Module) -> Dict[str, Any]:
         observer = quantizer.observer
         observed = quantizer.observed
         statistics[name] = {
-            'records': None if observer is None else [dataclasses.asdict(r) for r in observer.records],
-            'samples': None if observer is None else {int(i): v.cpu() for i, v in observer.samples.items()},
+            'records': [dataclasses.asdict(r) for r in observer.records],
+            'samples': {int(i): v.cpu() for i, v in observer.samples.items()},
             'observed': None if observed is None else dataclasses.asdict(observed),
         }
     model = {key: value.detach().cpu().clone() for key, value in qmodel.state_dict().items()}
@@ -135,11 +134,10 @@ def restore_quantizer_state(qmodel: nn.Module, state: Mapping[str, Any]) -> None
         raise DataError('the resume state does not fit this quantized network: its activation quantizers differ')
     for name, quantizer in quantizers.items():
         entry = statistics[name]
-        if entry['records'] is not None and quantizer.observer is not None:
-            quantizer.observer.load_state_dict({
-                'records': [BatchStats(**record) for record in entry['records']],
-                'samples': {int(i): v for i, v in entry['samples'].items()},
-            })
+        quantizer.observer.load_state_dict({
+            'records': [BatchStats(**record) for record in entry['records']],
+            'samples': {int(i): v for i, v in entry['samples'].items()},
+        })
         quantizer.observed = None if entry['observed'] is None else ObservedStats(**entry['observed'])
 
 
@@ -147,14 +145,6 @@ def fingerprints(model: nn.Module, batches: Sequence[torch.Tensor]) -> Dict[str,
     """sha256 digests of the float network's weights and of the calibration batches."""
     return {'float_weights': payload_digest({'state': dict(model.state_dict())}),
             'calibration_batches': payload_digest({'batches': list(batches)})}
-
-
-def result_options(config: OAQConfig) -> Dict[str, Any]:
-    """The config as a dict, without the keys that cannot change the pipeline's result."""
-    options = config.to_dict()
-    for key in RESULT_NEUTRAL_KEYS:
-        options.pop(key, None)
-    return options
 
 
 def _differences(saved: Any, current: Any, where: str) -> List[str]:
@@ -197,7 +187,7 @@ class PipelineCheckpoint:
             logger.info('OAQ: no saved state at %s: starting from the beginning', self.path)
             return None
         state = load_state(self.path)
-        changed = _differences(state['options'], result_options(self.config), 'oaq')
+        changed = _differences(state['options'], self.config.to_dict(), 'oaq')
         if changed:
             shown = '; '.join(changed[:3]) + (f' (and {len(changed) - 3} more)' if len(changed) > 3 else '')
             raise ConfigError(f'cannot resume from {self.path}: the options changed since it was saved ({shown}); '
@@ -215,13 +205,13 @@ class PipelineCheckpoint:
 
         Args:
             qmodel: The quantized model being built.
-            stage: The stage in progress (one of :data:`STAGES`).
+            stage: The name of the stage in progress (:data:`DONE` after the last one).
             progress: Returns the stage's own state (how far it got), called only when stopping.
             context: Returns the pipeline's state beside it (timings, reports of finished stages).
         """
         if not self.stop.is_set():
             return
-        state = {'stage': stage, 'progress': progress(), 'options': result_options(self.config),
+        state = {'stage': stage, 'progress': progress(), 'options': self.config.to_dict(),
                  'fingerprints': dict(self.fingerprints), 'signal': self.stop.signum,
                  'rng': torch.get_rng_state(), **context(), **quantizer_state(qmodel)}
         save_state(self.path, state)

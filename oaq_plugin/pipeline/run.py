@@ -1,36 +1,60 @@
-"""The whole pipeline behind ``quantize``: convert -> calibrate -> search -> learned rounding -> block
-reconstruction -> finetune."""
+"""The whole pipeline behind ``quantize``: convert, then the stages of :data:`STAGES` in order, resumable
+at their safe points."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..config import OAQConfig
-from ..errors import DataError, OAQError
+from ..errors import ConfigError, DataError, OAQError
 from ..quant.convert import LayerPlan, convert
-from .calibrate import calibrate, model_device
-from .patches import PatchSource
-from .resume import STAGES, PathLike, PipelineCheckpoint, SafePoint, StopRequest, restore_quantizer_state
+from .analysis.end_to_end_check import EndToEndCheck, end_to_end_check
+from .io.patches import PatchSource
+from .resume import DONE, PathLike, PipelineCheckpoint, SafePoint, StopRequest, restore_quantizer_state
+from .stages.base import Stage, StageContext, StageReport, no_safe_point
+from .stages.block_reconstruction import ReconstructionStage
+from .stages.calibrate import CalibrateStage, model_device
+from .stages.finetune import FinetuneStage
+from .stages.learned_rounding import RoundingStage
+from .stages.search import SearchStage
+
+# The stages in the order they run: the one list a new stage is added to.
+STAGES: Tuple[Stage, ...] = (CalibrateStage(), SearchStage(), RoundingStage(), ReconstructionStage(),
+                             FinetuneStage())
 
 CalibrationData = Union[PatchSource, Iterable[torch.Tensor]]
 
 
+def stage_names() -> List[str]:
+    """The names of the stages, in the order they run (timings are ``<name>_s``)."""
+    return [stage.name for stage in STAGES]
+
+
 @dataclass
 class PipelineResult:
-    """The quantized model and what each stage measured."""
+    """The quantized model and what each stage measured.
+
+    Attributes:
+        timings: Seconds per stage, ``<name>_s`` for each of :data:`STAGES` (conversion counts as calibration).
+        reports: The report of each stage that ran and makes one, by stage name.
+        check: The end-to-end check of the quantized network on held-back calibration crops.
+    """
 
     model: nn.Module
     config: OAQConfig
     plans: List[LayerPlan]
     timings: Dict[str, float] = field(default_factory=dict)
-    search: Optional[Any] = None
-    rounding: Optional[Any] = None
-    reconstruction: Optional[Any] = None
-    finetune: Optional[Any] = None
+    reports: Dict[str, StageReport] = field(default_factory=dict)
+    check: Optional[EndToEndCheck] = None
+
+    def report_dicts(self) -> Dict[str, Optional[Dict[str, Any]]]:
+        """Every reporting stage's report as a dict, by stage name (``None`` for one that did not run)."""
+        return {stage.name: self.reports[stage.name].to_dict() if stage.name in self.reports else None
+                for stage in STAGES if stage.report_type is not None}
 
 
 def calibration_batches(calib: CalibrationData, config: OAQConfig) -> tuple:
@@ -72,8 +96,8 @@ def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConf
             learned-rounding layers, reconstruction blocks, finetuning iterations) after saving its state
             to this file, and :class:`Interrupted` is raised. The file is deleted when the run completes.
         resume: Continue from the state at ``state_path`` when there is one: the result is identical to
-            an uninterrupted run's. A state saved with other options (other than ``kernel``, ``tile``,
-            ``analysis``), other float weights or other calibration batches is refused.
+            an uninterrupted run's. A state saved with another method config, other float weights or other
+            calibration batches is refused.
         stop: A :class:`StopRequest` to stop the run from code (with ``state_path``).
     """
     config = OAQConfig.coerce(config)
@@ -84,21 +108,22 @@ def run_pipeline(model: nn.Module, calib: CalibrationData, config: Union[OAQConf
     if state_path is None:
         if stop is not None or resume:
             raise OAQError('run_pipeline: stop= and resume= need a state_path= to save the state to')
-        return _Run(model, batches, source, config, progress, calib_shard, None).run(example)
+        return _Runner(model, batches, source, config, progress, calib_shard, None).run(example)
     if calib_shard is not None and calib_shard[1] > 1:
         raise OAQError('run_pipeline: interrupt and resume (state_path=) work in single-process runs only')
     checkpoint = PipelineCheckpoint(state_path, config, model, batches, stop)
     with checkpoint.signals():
-        run = _Run(model, batches, source, config, progress, calib_shard, checkpoint)
-        result = run.run(example, checkpoint.load() if resume else None)
+        runner = _Runner(model, batches, source, config, progress, calib_shard, checkpoint)
+        result = runner.run(example, checkpoint.load() if resume else None)
         # A stop asked for after the last safe point: the work is done, save it rather than lose it.
-        run.safe_point('done')(lambda: {})
+        runner.safe_point(DONE)(dict)
     checkpoint.discard()
     return result
 
 
-class _Run:
-    """The stages of one pipeline run, resumable from a saved state at their safe points."""
+class _Runner:
+    """One pipeline run: the stages of :data:`STAGES` in order, each timed, resumable at its safe points
+    from a state saved there."""
 
     def __init__(self, model: nn.Module, batches: List[torch.Tensor], source: PatchSource, config: OAQConfig,
                  progress: bool, calib_shard: Optional[Tuple[int, int]],
@@ -106,138 +131,85 @@ class _Run:
         self.model, self.batches, self.source, self.config = model, batches, source, config
         self.progress, self.calib_shard, self.checkpoint = progress, calib_shard, checkpoint
         self.timings: Dict[str, float] = {}
-        self.search_report = None
-        self.rounding_report = None
-        self.reconstruction_report = None
-        self.finetune_report = None
+        self.reports: Dict[str, StageReport] = {}
         self.qmodel: Optional[nn.Module] = None
         self.stage_start = time.perf_counter()
 
-    def safe_point(self, stage: str) -> Optional[SafePoint]:
-        """The callback a stage calls at its safe points (``None`` when the run is not interruptible)."""
+    def safe_point(self, stage: str) -> SafePoint:
+        """The safe point of stage ``stage``: saves the run there when a stop was asked for."""
         if self.checkpoint is None:
-            return None
+            return no_safe_point
 
-        def context() -> Dict[str, Any]:
+        def pipeline_state() -> Dict[str, Any]:
             timings = dict(self.timings)
-            if stage != 'done':
+            if stage != DONE:
                 key = f'{stage}_s'
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - self.stage_start
-            reports = {'search': self.search_report, 'rounding': self.rounding_report,
-                       'reconstruction': self.reconstruction_report, 'finetune': self.finetune_report}
-            return {'timings': timings,
-                    **{key: report.to_dict() if report is not None else None for key, report in reports.items()}}
-        return lambda progress: self.checkpoint.check(self.qmodel, stage, progress, context)
+            return {'timings': timings, 'reports': {name: report.to_dict() for name, report in self.reports.items()}}
+        return lambda snapshot: self.checkpoint.check(self.qmodel, stage, snapshot, pipeline_state)
 
-    def _stage(self, name: str, saved: Optional[Dict[str, Any]]) -> Optional[dict]:
-        """Start timing stage ``name``; ``None`` when ``saved`` is past it, else its saved progress (or {})."""
-        self.stage_start = time.perf_counter()
-        if saved is None:
-            return {}
-        at = STAGES.index(saved['stage'])
-        if STAGES.index(name) < at:
-            return None
-        return saved['progress'] if STAGES.index(name) == at else {}
-
-    def _finish(self, name: str) -> None:
-        key = f'{name}_s'
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - self.stage_start
-
-    def _layer_by_layer(self, stage: str, progress: dict, stage_fn: Callable[..., Any], report_type: type) -> Any:
-        """Run a stage that works layer by layer or block by block (search, learned rounding, block
-        reconstruction), going on from its saved report.
-
-        Its safe points save the report so far as the stage's progress.
-        """
-        partial = report_type.from_dict(progress['report']) if progress else None
-        point = self.safe_point(stage)
-        return stage_fn(self.qmodel, self.batches, self.config, progress=self.progress, done=partial,
-                        safe_point=None if point is None else (lambda report: point(lambda: {'report': report()})))
+    def _restore(self, saved: Dict[str, Any]) -> None:
+        """Put the model, timings, reports and random state of a saved run back."""
+        restore_quantizer_state(self.qmodel, saved)
+        self.timings.update(saved['timings'])
+        stages = {stage.name: stage for stage in STAGES}
+        self.reports = {name: stages[name].report_type.from_dict(data) for name, data in saved['reports'].items()}
+        torch.set_rng_state(saved['rng'])
 
     def run(self, example: torch.Tensor, saved: Optional[Dict[str, Any]] = None) -> PipelineResult:
-        config, batches = self.config, self.batches
         start = time.perf_counter()
-        self.qmodel = qmodel = convert(self.model, config, example)
+        self.qmodel = convert(self.model, self.config, example)
         if saved is not None:
-            restore_quantizer_state(qmodel, saved)
-            self.timings.update(saved['timings'])
-            if saved.get('search') is not None:
-                from .search import SearchReport
-                self.search_report = SearchReport.from_dict(saved['search'])
-            if saved.get('rounding') is not None:
-                from .learned_rounding import RoundingReport
-                self.rounding_report = RoundingReport.from_dict(saved['rounding'])
-            if saved.get('reconstruction') is not None:
-                from .block_reconstruction import ReconstructionReport
-                self.reconstruction_report = ReconstructionReport.from_dict(saved['reconstruction'])
-            if saved.get('finetune') is not None:
-                from .finetune import FinetuneReport
-                self.finetune_report = FinetuneReport.from_dict(saved['finetune'])
-            torch.set_rng_state(saved['rng'])
+            self._restore(saved)
         convert_seconds = time.perf_counter() - start
-
-        progress = self._stage('calibrate', saved)
-        if progress is not None:
-            self.stage_start -= convert_seconds
-            rank, world = self.calib_shard or (0, 1)
-            done = progress.get('batches_done', 0)
-            mine = list(range(rank, len(batches), world))[done:]
-            point = self.safe_point('calibrate')
-            calibrate(qmodel, [batches[i] for i in mine], config, indices=mine, progress=self.progress,
-                      safe_point=None if point is None else
-                      (lambda observed: point(lambda: {'batches_done': done + observed()['batches_observed']})))
-            self._finish('calibrate')
-
-        progress = self._stage('search', saved)
-        if progress is not None:
-            if config.search.enabled:
-                from .search import SearchReport, search
-                self.search_report = self._layer_by_layer('search', progress, search, SearchReport)
-            self._finish('search')
-
-        progress = self._stage('rounding', saved)
-        if progress is not None:
-            if config.rounding.enabled:
-                from .learned_rounding import RoundingReport, learn_rounding
-                self.rounding_report = self._layer_by_layer('rounding', progress, learn_rounding, RoundingReport)
-            self._finish('rounding')
-
-        progress = self._stage('reconstruction', saved)
-        if progress is not None:
-            if config.reconstruction.enabled:
-                from .block_reconstruction import ReconstructionReport, reconstruct_blocks
-                self.reconstruction_report = self._layer_by_layer('reconstruction', progress, reconstruct_blocks,
-                                                                  ReconstructionReport)
-            self._finish('reconstruction')
-
-        progress = self._stage('finetune', saved)
-        if progress is not None:
-            if config.finetune.enabled:
-                from .finetune import finetune
-                self.finetune_report = finetune(self.model, qmodel, self.source, config, progress=self.progress,
-                                                safe_point=self.safe_point('finetune'), resume=progress or None)
-            self._finish('finetune')
-
-        qmodel.eval()
-        for key in ('calibrate_s', 'search_s', 'rounding_s', 'reconstruction_s', 'finetune_s'):
-            self.timings.setdefault(key, 0.0)
-        return PipelineResult(model=qmodel, config=config, plans=list(qmodel.oaq_plans), timings=self.timings,
-                              search=self.search_report, rounding=self.rounding_report,
-                              reconstruction=self.reconstruction_report,
-                              finetune=self.finetune_report)
+        # Stages before the saved one are done (their results are in the restored state); the saved one
+        # goes on from its own saved state.
+        at = ([stage.name for stage in STAGES] + [DONE]).index(saved['stage']) if saved is not None else 0
+        for index, stage in enumerate(STAGES):
+            if index < at:
+                continue
+            self.stage_start = time.perf_counter() - (convert_seconds if index == 0 else 0.0)
+            if stage.enabled(self.config):
+                context = StageContext(qmodel=self.qmodel, batches=self.batches, config=self.config,
+                                       float_model=self.model, source=self.source, progress=self.progress,
+                                       saved=saved['progress'] if saved is not None and index == at else None,
+                                       safe_point=self.safe_point(stage.name), calib_shard=self.calib_shard)
+                report = stage.run(context)
+                if report is not None:
+                    self.reports[stage.name] = report
+            key = f'{stage.name}_s'
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - self.stage_start
+        self.qmodel.eval()
+        for stage in STAGES:
+            self.timings.setdefault(f'{stage.name}_s', 0.0)
+        check = end_to_end_check(self.model, self.qmodel, self.source, self.config)
+        return PipelineResult(model=self.qmodel, config=self.config, plans=list(self.qmodel.oaq_plans),
+                              timings=self.timings, reports=dict(self.reports), check=check)
 
 
 def quantize(model: nn.Module, calib_batches: CalibrationData, config: Union[OAQConfig, dict, None] = None,
-             progress: bool = False) -> nn.Module:
+             progress: bool = True) -> nn.Module:
     """Quantize a copy of ``model``: the library's one entry point.
 
     Args:
         model: The float SR network; it is not modified.
-        calib_batches: Any iterable of LR tensors (N, C, H, W) in the model's input range.
-        config: An :class:`OAQConfig` (or the dict of an ``oaq:`` option section).
-        progress: Show progress bars.
+        calib_batches: Any iterable of LR tensors (N, C, H, W) in the model's input range, used as they are;
+            or a :class:`PatchSource`, from which ``calib.num_batches`` batches of ``calib.batch_size``
+            patches of ``calib.patch_size`` are cut (seed ``calib.seed``).
+        config: An :class:`OAQConfig` (or a dict of the method's keys of an ``oaq:`` section; the run's keys,
+            such as ``backend`` or ``tile``, are refused: they belong to a run, see ``run_experiment``).
+        progress: Show progress bars on stderr (``False`` silences them).
 
     Returns:
         A new module whose Conv2d/ConvTranspose2d/Linear layers are quantized wrappers.
+
+    Raises:
+        ConfigError: A bad option, or ``calib.dataroot_lq`` (a folder ``quantize`` would not read: it
+            calibrates on ``calib_batches``).
     """
+    config = OAQConfig.coerce(config)
+    if config.calib.dataroot_lq:
+        raise ConfigError(f'quantize() calibrates on the calib_batches it is given, so it does not read '
+                          f'oaq.calib.dataroot_lq ({config.calib.dataroot_lq!r}); leave it unset, or give the folder '
+                          'to run_experiment or an adapter, which read it')
     return run_pipeline(model, calib_batches, config, progress=progress).model

@@ -1,11 +1,15 @@
 """The base of activation quantizers: learnable bounds, an observer, fake quantization by a grid."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..config import CalibConfig, OAQConfig
+from .fast_fake_quant import fast_quantize
+from .integer_lattice import to_lattice
 from .observer import ActivationObserver, ObservedStats
 from .region_grid import RegionGrid
 
@@ -13,34 +17,37 @@ from .region_grid import RegionGrid
 class ActivationQuantizer(nn.Module):
     """Per-tensor activation quantizer with learnable ``lower``/``upper`` bounds.
 
-    Subclasses define :meth:`grid` (the levels for the current parameters) and :meth:`initialize`
-    (parameters from the observed statistics).
+    Subclasses define :meth:`parameter_grid` (the levels for the current parameters) and :meth:`initialize`
+    (parameters from the observed statistics); :meth:`grid` is that grid, snapped onto an integer lattice
+    when ``integer_lattice`` is set.
 
     Args:
         bits: Code width.
         percentile: Percentile used by the observer's upper quantile.
         sample_size: Values the observer keeps.
         seed: Observer sampling seed.
+        integer_lattice: Put every grid on an integer lattice (:func:`~oaq_plugin.quant.integer_lattice.to_lattice`).
     """
 
-    def __init__(self, bits: int, percentile: float = 99.0, sample_size: int = 65536, seed: int = 0) -> None:
+    # The switch of the fast fake quantization used while training (see :func:`fast_fake_quantization`).
+    fast = False
+
+    def __init__(self, bits: int, percentile: float = CalibConfig.percentile,
+                 sample_size: int = CalibConfig.sample_size, seed: int = CalibConfig.seed,
+                 integer_lattice: bool = OAQConfig.integer_lattice) -> None:
         super().__init__()
         self.bits = int(bits)
+        self.integer_lattice = bool(integer_lattice)
         self.lower = nn.Parameter(torch.tensor(0.0))
         self.upper = nn.Parameter(torch.tensor(1.0))
-        self.observer: Optional[ActivationObserver] = ActivationObserver(percentile, sample_size, seed)
+        self.observer = ActivationObserver(percentile, sample_size, seed)
         self.observed: Optional[ObservedStats] = None
 
     def observe(self, x: torch.Tensor, index: Optional[int] = None) -> None:
         """Feed one calibration batch to the statistics."""
-        if self.observer is None:
-            raise RuntimeError('this quantizer was already initialized; call reset_observer() to recalibrate')
         self.observer.observe(x, index)
 
-    def reset_observer(self) -> None:
-        self.observer = ActivationObserver(self.observer.percentile if self.observer else 99.0)
-
-    def initialize(self, beta: float = 0.9) -> None:
+    def initialize(self, beta: float = CalibConfig.ema_beta) -> None:
         """Set the parameters from the observed statistics (EMA factor ``beta``)."""
         self.observed = self.observer.stats(beta)
         self._initialize_from(self.observed, self.observer.sample())
@@ -53,14 +60,21 @@ class ActivationQuantizer(nn.Module):
             self.lower.fill_(float(lower))
             self.upper.fill_(float(upper))
 
-    def grid(self) -> RegionGrid:
+    def parameter_grid(self) -> RegionGrid:
         raise NotImplementedError
+
+    def grid(self) -> RegionGrid:
+        """The grid every stage and backend quantizes with."""
+        grid = self.parameter_grid()
+        return to_lattice(grid) if self.integer_lattice else grid
 
     @property
     def num_codes(self) -> int:
         return self.grid().num_codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return fast_quantize(self.grid(), x)
         return self.grid().quantize(x)
 
     def outlier_fraction(self, x: torch.Tensor) -> float:
@@ -86,3 +100,19 @@ class ActivationQuantizer(nn.Module):
 def activation_quantizers(model: nn.Module) -> List[Tuple[str, ActivationQuantizer]]:
     """``(name, quantizer)`` for every activation quantizer of ``model`` (of layers and of attention matmuls)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
+
+
+@contextlib.contextmanager
+def fast_fake_quantization(model: nn.Module) -> Iterator[None]:
+    """While active, the activation quantizers of ``model`` (attention matmul operands included) quantize
+    with :func:`~oaq_plugin.quant.fast_fake_quant.fast_quantize`; each one's previous setting comes back
+    on exit."""
+    quantizers = [quantizer for _, quantizer in activation_quantizers(model)]
+    previous = [quantizer.fast for quantizer in quantizers]
+    for quantizer in quantizers:
+        quantizer.fast = True
+    try:
+        yield
+    finally:
+        for quantizer, fast in zip(quantizers, previous):
+            quantizer.fast = fast

@@ -1,9 +1,11 @@
 """Turn any ``nn.Module`` into a quantized copy: which layers, at which bits, with which quantizers.
 
-The roles of the fully-quantized protocol are detected by running one small example input:
-the first and last quantizable layers to execute, every layer whose output feeds a pixel shuffle,
-and every layer running at a higher resolution than the input (the upsampling tail) are ``first``,
-``last`` and ``upsampler``; the rest is ``body``.
+The plan comes from the graph of one traced forward of a small example input (:mod:`.dataflow`), never
+from tensor sizes: ``first`` is a layer whose input derives from the network input alone, ``last`` one
+whose output reaches the network output without passing another layer, ``upsampler`` one feeding a pixel
+shuffle, a transposed conv that upsamples, or one running on feature maps after an upsampling op; the
+rest is ``body``. The same trace finds the eval-mode batch norms folded into the conv before them and the
+modules whose activation-by-activation matmuls (generic attention) are quantized.
 """
 from __future__ import annotations
 
@@ -12,111 +14,68 @@ import copy
 import fnmatch
 import functools
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from ..config import OAQConfig, parse_layer_bits
+from ..config import CalibConfig, OAQConfig, parse_layer_bits
 from ..errors import OAQError, UnsupportedLayerError
 from .activation import ActivationQuantizer
-from .attention import QuantMatmul, QuantWindowAttention, window_attention_modules
+from .attention import (QuantMatmul, QuantWindowAttention, is_window_attention, quantize_matmul_calls,
+                        window_attention_modules)
+from .batchnorm_folding import apply_batchnorm_folds, foldable_batchnorms
+from .dataflow import DataflowTrace, trace_dataflow
 from .dual_region import DualRegionQuantizer
 from .layers import QuantLayer, wrapper_for
+from .op_accounting import count_operations
 from .uniform import UniformQuantizer
 from .weight import WeightQuantizer
 
 ROLES = ('first', 'last', 'upsampler', 'body')
-PASS_THROUGH_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Identity)
+# The plan kind of a module whose activation matmuls are quantized (generic attention).
+ATTENTION_MATMULS = 'attention_matmuls'
 
 
 @dataclass
 class LayerPlan:
-    """What the conversion does to one layer."""
+    """What the conversion does to one layer, or to the activation matmuls of one module.
+
+    Args:
+        name: The module's name in the model.
+        kind: The layer's class name, or ``attention_matmuls`` for a module whose matmuls of two
+            activations are quantized (both operands at ``a_bits``).
+        role: ``first``, ``last``, ``upsampler``, ``body`` or ``unused`` (a layer that never ran).
+        w_bits: Weight bits (``None``: float; always ``None`` for matmuls).
+        a_bits: Input (operand) bits, ``None`` for float.
+        folded_batchnorm: The eval-mode ``BatchNorm2d`` folded into this conv before quantization, if any.
+        matmuls: For ``attention_matmuls``: every matmul of one forward of the module, in call order, by kind
+            (``matmul``, ``bmm``, ``einsum``, ``scaled_dot_product_attention``), ``None`` for one left alone.
+    """
 
     name: str
     kind: str
     role: str
     w_bits: Optional[int]
     a_bits: Optional[int]
+    folded_batchnorm: Optional[str] = None
+    matmuls: Optional[List[Optional[str]]] = None
+
+    @property
+    def is_layer(self) -> bool:
+        return self.kind != ATTENTION_MATMULS
 
     @property
     def quantized(self) -> bool:
-        return self.w_bits is not None
+        return self.w_bits is not None if self.is_layer else self.a_bits is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class _PixelShuffleWatcher(TorchFunctionMode):
-    """Notes the inputs of every pixel_shuffle call, functional or module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inputs: List[torch.Tensor] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.pixel_shuffle, torch.nn.functional.pixel_shuffle) and args:
-            self.inputs.append(args[0])
-        return func(*args, **kwargs)
-
-
 def detect_roles(model: nn.Module, example_input: torch.Tensor) -> Dict[str, str]:
     """Role of every quantizable layer that runs on ``example_input`` (layers that never run are absent)."""
-    order: List[str] = []
-    outputs: Dict[int, str] = {}
-    input_size = example_input.shape[-2:] if example_input.dim() == 4 else None
-    high_resolution = set()
-    handles = []
-
-    def layer_hook(name):
-        def hook(module, inputs, output):
-            if name not in order:
-                order.append(name)
-            if isinstance(output, torch.Tensor):
-                outputs[id(output)] = name
-            x = inputs[0] if inputs else None
-            if (input_size is not None and isinstance(x, torch.Tensor) and x.dim() == 4
-                    and (x.shape[-2] > input_size[0] or x.shape[-1] > input_size[1])):
-                high_resolution.add(name)
-        return hook
-
-    def pass_hook(module, inputs, output):
-        if inputs and isinstance(inputs[0], torch.Tensor) and id(inputs[0]) in outputs:
-            outputs[id(output)] = outputs[id(inputs[0])]
-
-    for name, module in model.named_modules():
-        if wrapper_for(module) is not None:
-            handles.append(module.register_forward_hook(layer_hook(name)))
-        elif isinstance(module, PASS_THROUGH_MODULES):
-            handles.append(module.register_forward_hook(pass_hook))
-    watcher = _PixelShuffleWatcher()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), watcher:
-            model(example_input)
-    except Exception as error:  # a model that cannot run the example cannot be converted either
-        raise OAQError(f'could not run the model on an example input of shape {tuple(example_input.shape)} '
-                       f'to find its first/last/upsampler layers: {type(error).__name__}: {error}') from error
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    feeding_shuffle = {outputs[id(t)] for t in watcher.inputs if id(t) in outputs}
-    roles = {}
-    for index, name in enumerate(order):
-        if index == 0:
-            roles[name] = 'first'
-        elif index == len(order) - 1:
-            roles[name] = 'last'
-        elif name in feeding_shuffle or name in high_resolution:
-            roles[name] = 'upsampler'
-        else:
-            roles[name] = 'body'
-    return roles
+    return trace_dataflow(model, example_input).roles()
 
 
 def pattern_bits(name: str, bits: Optional[tuple], config: OAQConfig) -> Optional[tuple]:
@@ -131,8 +90,11 @@ def pattern_bits(name: str, bits: Optional[tuple], config: OAQConfig) -> Optiona
 
 
 def plan_layers(model: nn.Module, config: OAQConfig, example_input: Optional[torch.Tensor]) -> List[LayerPlan]:
-    """The per-layer plan: role and bits of every Conv2d/ConvTranspose2d/Linear, overrides applied."""
-    roles = detect_roles(model, example_input) if example_input is not None else {}
+    """The plan: role and bits of every Conv2d/ConvTranspose2d/Linear (overrides applied, the batch norm
+    folded into it named), then the modules whose activation matmuls are quantized (:func:`plan_matmuls`)."""
+    trace = trace_dataflow(model, example_input) if example_input is not None else None
+    roles = trace.roles() if trace is not None else {}
+    folds = {conv: bn for bn, conv in foldable_batchnorms(model, trace).items()} if trace is not None else {}
     plans = []
     for name, module in model.named_modules():
         if wrapper_for(module) is None or isinstance(module, QuantLayer):
@@ -147,17 +109,52 @@ def plan_layers(model: nn.Module, config: OAQConfig, example_input: Optional[tor
         if role == 'unused':
             bits = None
         plans.append(LayerPlan(name=name, kind=type(module).__name__, role=role,
-                               w_bits=None if bits is None else bits[0], a_bits=None if bits is None else bits[1]))
+                               w_bits=None if bits is None else bits[0], a_bits=None if bits is None else bits[1],
+                               folded_batchnorm=folds.get(name)))
+    if trace is not None and config.quantize_generic_attention:
+        plans += plan_matmuls(model, config, trace)
     return plans
 
 
-def make_act_quantizer(config: OAQConfig, bits: int) -> ActivationQuantizer:
-    """The activation quantizer the config asks for, at ``bits``."""
+def plan_matmuls(model: nn.Module, config: OAQConfig, trace: DataflowTrace) -> List[LayerPlan]:
+    """One ``attention_matmuls`` plan per module that multiplies two activations itself (in execution order).
+
+    Window-attention modules are left to ``quantize_attention`` (:func:`wrap_attention`). A module whose
+    ``exclude``/``layer_bits`` patterns leave it in float is planned with ``a_bits`` ``None``.
+    """
+    modules = dict(model.named_modules())
+    plans = []
+    for name, kinds in trace.matmuls.items():
+        module = modules[name]
+        if is_window_attention(module) or isinstance(module, QuantWindowAttention):
+            continue
+        plans.append(LayerPlan(name=name, kind=ATTENTION_MATMULS, role='body', w_bits=None,
+                               a_bits=attention_bits(name, config), matmuls=list(kinds)))
+    return plans
+
+
+def make_act_quantizer(kind: str, bits: int, levels: str = OAQConfig.levels,
+                       breakpoint_stat: str = CalibConfig.breakpoint_stat, percentile: float = CalibConfig.percentile,
+                       sample_size: int = CalibConfig.sample_size, seed: int = CalibConfig.seed,
+                       integer_lattice: bool = OAQConfig.integer_lattice) -> ActivationQuantizer:
+    """An activation quantizer of ``kind`` (``dual_region`` or a uniform baseline) at ``bits``.
+
+    ``levels`` and ``breakpoint_stat`` are read by the dual-region quantizer only; ``percentile``,
+    ``sample_size`` and ``seed`` set its observer; ``integer_lattice`` puts its grids on an integer lattice.
+    """
+    common = dict(percentile=percentile, sample_size=sample_size, seed=seed, integer_lattice=integer_lattice)
+    if kind == 'dual_region':
+        return DualRegionQuantizer(bits, levels=levels, breakpoint_stat=breakpoint_stat, **common)
+    return UniformQuantizer(bits, method=kind, **common)
+
+
+def act_quantizer_factory(config: OAQConfig, bits: int) -> Callable[[], ActivationQuantizer]:
+    """Makes the activation quantizers ``config`` asks for, at ``bits``."""
     calib = config.calib
-    common = dict(percentile=calib.percentile, sample_size=calib.sample_size, seed=calib.seed)
-    if config.act_quantizer == 'dual_region':
-        return DualRegionQuantizer(bits, levels=config.levels, breakpoint_stat=calib.breakpoint_stat, **common)
-    return UniformQuantizer(bits, method=config.act_quantizer, **common)
+    return functools.partial(make_act_quantizer, config.act_quantizer, bits, levels=config.levels,
+                             breakpoint_stat=calib.breakpoint_stat, percentile=calib.percentile,
+                             sample_size=calib.sample_size, seed=calib.seed,
+                             integer_lattice=config.integer_lattice)
 
 
 def wrap_layer(module: nn.Module, plan: LayerPlan, config: OAQConfig) -> QuantLayer:
@@ -167,7 +164,7 @@ def wrap_layer(module: nn.Module, plan: LayerPlan, config: OAQConfig) -> QuantLa
                                     'supported: Conv2d, ConvTranspose2d, Linear')
     weight_quantizer = WeightQuantizer(plan.w_bits, granularity=config.weight_granularity,
                                        channel_axis=wrapper.weight_channel_axis, grid=config.weight_grid)
-    return wrapper(module, make_act_quantizer(config, plan.a_bits), weight_quantizer, name=plan.name,
+    return wrapper(module, act_quantizer_factory(config, plan.a_bits)(), weight_quantizer, name=plan.name,
                    role=plan.role)
 
 
@@ -179,6 +176,22 @@ def attention_bits(name: str, config: OAQConfig) -> Optional[int]:
     """
     bits = pattern_bits(name, (config.w_bits, config.a_bits), config)
     return None if bits is None else bits[1]
+
+
+def wrap_matmuls(qmodel: nn.Module, config: OAQConfig, plans: List[LayerPlan]) -> List[str]:
+    """Quantize, in place, the activation matmuls of every module planned as ``attention_matmuls``.
+
+    Returns the names of the quantized matmuls added (e.g. ``blocks.0.attn.quant_matmul0``).
+    """
+    added = []
+    for plan in plans:
+        if plan.is_layer or not plan.quantized:
+            continue
+        module = qmodel.get_submodule(plan.name)
+        for attribute in quantize_matmul_calls(module, plan.matmuls, act_quantizer_factory(config, plan.a_bits),
+                                               plan.name):
+            added.append(f'{plan.name}.{attribute}' if plan.name else attribute)
+    return added
 
 
 def wrap_attention(qmodel: nn.Module, config: OAQConfig, plans: List[LayerPlan]) -> List[str]:
@@ -202,8 +215,7 @@ def wrap_attention(qmodel: nn.Module, config: OAQConfig, plans: List[LayerPlan])
         bits = attention_bits(name, config)
         if bits is None or roles.get(f'{name}.qkv') == 'unused':
             continue
-        make_quantizer = functools.partial(make_act_quantizer, config, bits)
-        _set_submodule(qmodel, name, QuantWindowAttention(module, make_quantizer, name))
+        _set_submodule(qmodel, name, QuantWindowAttention(module, act_quantizer_factory(config, bits), name))
         wrapped.append(name)
     return wrapped
 
@@ -218,26 +230,33 @@ def convert(model: nn.Module, config: OAQConfig, example_input: Optional[torch.T
             plans: Optional[List[LayerPlan]] = None) -> nn.Module:
     """A deep copy of ``model`` with the planned layers wrapped; the float model is left untouched.
 
-    With ``config.quantize_attention`` the window-attention modules are wrapped too (:func:`wrap_attention`).
+    Eval-mode batch norms are folded into the conv before them first (the plans name them). With
+    ``config.quantize_attention`` the window-attention modules are wrapped too (:func:`wrap_attention`);
+    the activation matmuls of other modules are quantized as planned (:func:`wrap_matmuls`). With an
+    example input, ``qmodel.oaq_op_accounting`` holds the multiply-adds at each bit width and the ops left
+    in float (:func:`~oaq_plugin.quant.op_accounting.count_operations`); ``None`` otherwise.
 
     Args:
         model: Any module.
         config: The method's configuration.
-        example_input: A small input the model accepts, used to detect first/last/upsampler layers.
+        example_input: A small input the model accepts, used to trace the graph (roles, folds, matmuls).
         plans: A plan to apply instead of planning (e.g. when restoring a saved quantized model).
     """
     qmodel = copy.deepcopy(model).eval()
     if plans is None:
         plans = plan_layers(qmodel, config, example_input)
-    if not any(p.quantized for p in plans):
+    if not any(p.quantized for p in plans if p.is_layer):
         raise OAQError('no layer to quantize: the model has no Conv2d/ConvTranspose2d/Linear layer that runs, '
                        'or every one is excluded')
+    apply_batchnorm_folds(qmodel, {p.folded_batchnorm: p.name for p in plans if p.folded_batchnorm})
     for plan in plans:
-        if plan.quantized:
+        if plan.is_layer and plan.quantized:
             _set_submodule(qmodel, plan.name, wrap_layer(qmodel.get_submodule(plan.name), plan, config))
     if config.quantize_attention:
         wrap_attention(qmodel, config, plans)
+    wrap_matmuls(qmodel, config, plans)
     qmodel.oaq_plans = plans
+    qmodel.oaq_op_accounting = count_operations(qmodel, example_input) if example_input is not None else None
     for parameter in qmodel.parameters():
         parameter.requires_grad_(False)
     return qmodel

@@ -1,4 +1,5 @@
-"""The dual-region activation quantizer of METHOD.md §3: a dense region and two outlier tails."""
+"""The dual-region activation quantizer (docs/METHOD.md, Dual-region activation quantizer): a dense region
+and two outlier tails."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..config import LEVELS, CalibConfig, OAQConfig
 from .activation import ActivationQuantizer
 from .observer import ObservedStats
 from .region_grid import MIN_STEP, Region, RegionGrid, endpoint_region
@@ -17,7 +19,7 @@ def level_counts(bits: int, levels: str) -> tuple:
         return 2 ** (bits - 1), max(1, 2 ** (bits - 2))
     if levels == 'pwlq':
         return 2 ** bits, 2 ** (bits - 1)
-    raise ValueError(f"levels must be 'paper' or 'pwlq', got {levels!r}")
+    raise ValueError(f'levels must be one of {LEVELS}, got {levels!r}')
 
 
 class DualRegionQuantizer(ActivationQuantizer):
@@ -38,7 +40,8 @@ class DualRegionQuantizer(ActivationQuantizer):
         **kwargs: Observer settings (see :class:`ActivationQuantizer`).
     """
 
-    def __init__(self, bits: int, levels: str = 'paper', breakpoint_stat: str = 'signed', **kwargs) -> None:
+    def __init__(self, bits: int, levels: str = OAQConfig.levels, breakpoint_stat: str = CalibConfig.breakpoint_stat,
+                 **kwargs) -> None:
         super().__init__(bits, **kwargs)
         level_counts(bits, levels)
         self.levels = levels
@@ -48,11 +51,6 @@ class DualRegionQuantizer(ActivationQuantizer):
         self.register_buffer('dense_share', torch.tensor(float('nan')))
         # Centre of the dense region; 0 is the paper's symmetric [-bp, bp].
         self.register_buffer('dense_center', torch.tensor(0.0))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before the centre existed hold the paper's symmetric region.
-        state_dict.setdefault(prefix + 'dense_center', torch.tensor(0.0))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_center(self, value: float) -> None:
         with torch.no_grad():
@@ -93,7 +91,7 @@ class DualRegionQuantizer(ActivationQuantizer):
             return -bp, bp
         return self.dense_center - bp, self.dense_center + bp
 
-    def grid(self) -> RegionGrid:
+    def parameter_grid(self) -> RegionGrid:
         lower, upper, bp = self.lower, self.upper, self.breakpoint
         dense, tail = self.counts()
         total = dense + 2 * tail

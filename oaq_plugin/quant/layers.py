@@ -44,11 +44,10 @@ class QuantLayer(nn.Module):
         self.role = role
         self.mode = 'quant'
         self.batch_index: Optional[int] = None
-        # A backend executor (reference integer arithmetic or a Triton kernel) replacing fake quantization.
+        # The one way to replace the layer's fake-quantized computation: a backend (reference integer
+        # arithmetic or a Triton kernel), or for a while a training step's own (block reconstruction).
         self.executor: Optional[Callable[['QuantLayer', torch.Tensor], torch.Tensor]] = None
         self.executor_name = 'fake'
-        # While set (block reconstruction), the quantized weight is this function's soft weight.
-        self.weight_override: Optional[Callable[[], torch.Tensor]] = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -67,8 +66,6 @@ class QuantLayer(nn.Module):
         raise NotImplementedError
 
     def quantized_weight(self) -> torch.Tensor:
-        if self.weight_override is not None:
-            return self.weight_override()
         return self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

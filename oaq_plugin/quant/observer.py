@@ -2,8 +2,8 @@
 
 Each calibration batch leaves a small record (min, max, percentiles from a histogram, the sum of
 per-sample standard deviations) and a fixed-size random sample of its values. The EMA across batches
-(METHOD.md §5) is applied only when the statistics are read, in global batch order, so records
-gathered from several processes give exactly what one process would have computed.
+(docs/METHOD.md, Calibration statistics) is applied only when the statistics are read, in global batch
+order, so records gathered from several processes give exactly what one process would have computed.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+
+from ..config import CalibConfig
+from .seeding import seeded_generator
 
 HISTOGRAM_BINS = 4096
 KEPT_SAMPLE_BATCHES = 8
@@ -82,7 +85,8 @@ class ActivationObserver:
         seed: Seed of the per-batch sampler.
     """
 
-    def __init__(self, percentile: float = 99.0, sample_size: int = 65536, seed: int = 0) -> None:
+    def __init__(self, percentile: float = CalibConfig.percentile, sample_size: int = CalibConfig.sample_size,
+                 seed: int = CalibConfig.seed) -> None:
         self.percentile = percentile
         self.sample_size = sample_size
         self.seed = seed
@@ -117,7 +121,7 @@ class ActivationObserver:
         per_batch = max(1, self.sample_size // KEPT_SAMPLE_BATCHES)
         flat = x.reshape(-1)
         if flat.numel() > per_batch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            generator = seeded_generator(self.seed, index)
             flat = flat[torch.randint(0, flat.numel(), (per_batch,), generator=generator)]
         self.samples[index] = flat.cpu().clone()
         self._trim_samples()
@@ -159,7 +163,7 @@ class ActivationObserver:
                 self.samples.setdefault(index, values)
         self._trim_samples()
 
-    def stats(self, beta: float = 0.9) -> ObservedStats:
+    def stats(self, beta: float = CalibConfig.ema_beta) -> ObservedStats:
         """EMA over batches in index order; the first batch sets each statistic directly."""
         if not self.records:
             raise RuntimeError('no calibration batch was observed')

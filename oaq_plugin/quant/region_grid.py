@@ -9,11 +9,14 @@ above ``high_threshold`` and the middle region otherwise, then rounds to that re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
 from .rounding import round_ste
+
+if TYPE_CHECKING:
+    from .integer_lattice import Lattice
 
 # Smallest step a grid may have: keeps constant tensors and collapsed ranges finite (no 0/0).
 MIN_STEP = 1e-8
@@ -71,6 +74,8 @@ class RegionGrid:
     high: Optional[Region] = None
     low_threshold: Optional[torch.Tensor] = None
     high_threshold: Optional[torch.Tensor] = None
+    # Set when every level is ``unit * n`` with an integer code (quant/integer_lattice.py).
+    lattice: Optional['Lattice'] = None
 
     def regions(self) -> List[Region]:
         """Regions in code order: low, middle, high (absent ones skipped)."""
@@ -113,8 +118,11 @@ class RegionGrid:
                 return None
             return {'offset': float(r.offset.detach()), 'step': float(r.step.detach()), 'index_min': r.index_min,
                     'index_max': r.index_max}
-        return {
+        info = {
             'low': region(self.low), 'middle': region(self.middle), 'high': region(self.high),
             'low_threshold': None if self.low_threshold is None else float(self.low_threshold.detach()),
             'high_threshold': None if self.high_threshold is None else float(self.high_threshold.detach()),
         }
+        if self.lattice is not None:
+            info['lattice'] = self.lattice.describe()
+        return info

@@ -1,13 +1,14 @@
-"""Uniform activation quantizers, the baselines of METHOD.md §8: MinMax, Percentile and MSE clips."""
+"""Uniform activation quantizers, the baselines (docs/METHOD.md, Uniform baselines): MinMax, Percentile and
+MSE clips."""
 from __future__ import annotations
 
 import torch
 
+from ..config import UNIFORM_METHODS
 from .activation import ActivationQuantizer
 from .observer import ObservedStats
 from .region_grid import RegionGrid, endpoint_region
 
-UNIFORM_METHODS = ('minmax', 'percentile', 'mse')
 MSE_SHRINK_STEPS = 50
 
 
@@ -36,7 +37,7 @@ class UniformQuantizer(ActivationQuantizer):
         else:
             self.set_bounds(stats.minimum, stats.maximum)
 
-    def grid(self) -> RegionGrid:
+    def parameter_grid(self) -> RegionGrid:
         return RegionGrid(middle=endpoint_region(self.lower, self.upper, 2 ** self.bits))
 
     def describe(self) -> dict:

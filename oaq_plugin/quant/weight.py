@@ -1,4 +1,4 @@
-"""The weight quantizer of METHOD.md §4: symmetric uniform grid with a learnable clip ``u_w``."""
+"""The weight quantizer (docs/METHOD.md, Weight quantizer): symmetric uniform grid with a learnable clip ``u_w``."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,12 +6,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..config import OAQConfig, WEIGHT_GRANULARITIES, WEIGHT_GRIDS
 from .region_grid import MIN_STEP
 from .rounding import round_ste
 
 # alpha in {1.00, 0.99, ..., 0.11}: the shrink search of the paper.
 SHRINK_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(90))
-WEIGHT_GRIDS = ('paper', 'zero')
 
 
 class WeightQuantizer(nn.Module):
@@ -31,10 +31,11 @@ class WeightQuantizer(nn.Module):
         grid: ``paper`` or ``zero``.
     """
 
-    def __init__(self, bits: int, granularity: str = 'channel', channel_axis: int = 0, grid: str = 'paper') -> None:
+    def __init__(self, bits: int, granularity: str = OAQConfig.weight_granularity, channel_axis: int = 0,
+                 grid: str = OAQConfig.weight_grid) -> None:
         super().__init__()
-        if granularity not in ('channel', 'tensor'):
-            raise ValueError(f"granularity must be 'channel' or 'tensor', got {granularity!r}")
+        if granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(f'granularity must be one of {WEIGHT_GRANULARITIES}, got {granularity!r}')
         if grid not in WEIGHT_GRIDS:
             raise ValueError(f'grid must be one of {WEIGHT_GRIDS}, got {grid!r}')
         self.bits = int(bits)
@@ -65,11 +66,24 @@ class WeightQuantizer(nn.Module):
         dims = [d for d in range(weight.dim()) if d != self.channel_axis]
         return weight.abs().amax(dim=dims, keepdim=True)
 
+    @staticmethod
+    def effective_clip(clip: torch.Tensor) -> torch.Tensor:
+        """``clip`` floored at ``MIN_STEP``: the clip an all-zero or vanishing channel is quantized with."""
+        return torch.clamp(clip, min=MIN_STEP)
+
     def step(self, clip: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(2 * clip / (self.num_levels - 1), min=MIN_STEP)
+        """``2 * clip / (num_levels - 1)`` of the effective clip.
+
+        The floor is on the clip, never on the step alone: the grid then always spans exactly
+        ``[-clip, clip]``, so ``(code - zero_point) * step`` decodes the codes of :meth:`grid_position`.
+        (A step floored by itself made channels with clips below ``MIN_STEP * (num_levels - 1) / 2``,
+        about 1.3e-6 at 8 bits, decode shifted by ``zero_point * step - clip``.)
+        """
+        return 2 * self.effective_clip(clip) / (self.num_levels - 1)
 
     def grid_position(self, weight: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
         """The unrounded code of each weight under ``clip`` (in ``[0, num_levels - 1]``)."""
+        clip = self.effective_clip(clip)
         return (torch.clamp(weight, -clip, clip) + clip) / self.step(clip)
 
     def _round(self, position: torch.Tensor) -> torch.Tensor:
@@ -80,7 +94,7 @@ class WeightQuantizer(nn.Module):
 
     def quantize_with(self, weight: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
         """Fake-quantize with a given clip (straight-through rounding; gradients reach ``clip``)."""
-        clip = torch.clamp(clip, min=MIN_STEP)
+        clip = self.effective_clip(clip)
         code = self._round(self.grid_position(weight, clip))
         return (code - self.zero_point) * self.step(clip)
 
@@ -111,7 +125,7 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def integer_codes(self, weight: torch.Tensor) -> tuple:
         """``(codes uint8, step, zero_point)`` with ``weight_q = (codes - zero_point) * step``."""
-        clip = torch.clamp(self.clip, min=MIN_STEP)
+        clip = self.effective_clip(self.clip)
         codes = self._round(self.grid_position(weight, clip))
         return codes.to(torch.uint8), self.step(clip).detach().clone(), self.zero_point
 

@@ -1,0 +1,1 @@
+"""Capturing what flows through a network: forward hooks, layer-input windows, feature taps."""

@@ -1,0 +1,50 @@
+"""tools/heldout_fidelity.py: any option variant (reconstruction levers included) on a base, measured on
+held-out images, written to a JSON file with the seconds of every stage."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from oaq_plugin.pipeline.run import stage_names
+from tiny_sr import TinyResSR, load_tool, tiny_images, single_thread  # noqa: F401  (autouse fixture)
+
+TINY = {'calib': {'num_batches': 1, 'batch_size': 4, 'patch_size': 12},
+        'search': {'grid_size': 4, 'refine_rounds': 0, 'num_samples': 2, 'window': 8}}
+LEVERS = {'reconstruction': {'enabled': True, 'iterations': 5, 'num_samples': 4, 'patch_size': 12, 'max_layers': 2,
+                             'group_siblings': True, 'weight_clips': True, 'window': 8}}
+
+
+def test_variants_are_merged_into_the_base_section_by_section():
+    tool = load_tool('heldout_fidelity')
+    config = tool.merged(tool.BASES['w8a8'], {'w_bits': 4, 'search': {'breakpoint': False}})
+    assert config == {'w_bits': 4, 'a_bits': 8, 'search': {'enabled': False, 'breakpoint': False}}
+    assert tool.merged(tool.BASES['default'], {}) == {}
+
+
+def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypatch):
+    tool = load_tool('heldout_fidelity')
+    folder = tmp_path / 'data/calib/SunHays80/LR_bicubic/X2'
+    folder.mkdir(parents=True)
+    images = tiny_images(count=62, size=16)
+    for index, image in enumerate(images):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            folder / f'{index:03d}.png')
+    torch.manual_seed(0)
+    monkeypatch.setattr(tool, 'shared_root', lambda: tmp_path)
+    monkeypatch.setattr(tool, 'build_zoo_model', lambda key, shared: TinyResSR().eval())
+    out = tmp_path / 'bench.json'
+    assert tool.main(['--model', 'imdn_x2', '--base', 'default', '--json', str(out),
+                      repr({**TINY, 'w_bits': 4, 'a_bits': 4}), repr({**TINY, **LEVERS})]) == 0
+    data = json.loads(out.read_text())
+    assert data['base'] == 'default' and data['torch_threads'] == 1 and 'images 61-62' in data['held_out']
+    plain, levers = data['variants']
+    for record in (plain, levers):
+        assert set(record['fidelity_psnr_y']) == {'all', 'weights_only', 'activations_only'}
+        assert all(np.isfinite(v) for v in record['fidelity_psnr_y'].values())
+        assert set(record['stage_seconds']) == {f'{name}_s' for name in stage_names()}
+    assert plain['reconstruction'] is None and plain['config']['search']['enabled']
+    assert levers['config']['reconstruction']['group_siblings'] and levers['stage_seconds']['reconstruction_s'] > 0
+    assert levers['reconstruction']['blocks']
