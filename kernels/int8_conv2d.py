@@ -29,51 +29,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .conv_layout import (conv_geometry, gemm_matrix, output_rows, pack_nibbles, padding4, pair, per_channel,
+                          tap_pixels, WeightLayout, weight_codes)
 from .quant_conv2d import interpreting
+from .region_codes import region_args, region_codes
 
-# Adding then subtracting 1.5 * 2^23 rounds an fp32 of magnitude below 2^22 to the nearest integer,
-# ties to even, exactly as torch.round does; libdevice.rint is not available in the interpreter.
-ROUND_MAGIC = tl.constexpr(12582912.0)
 ACTIVATIONS = ('identity', 'relu', 'leaky_relu', 'prelu')
 OUTPUTS = ('float', 'codes', 'accumulators')
 INT32_LIMIT = 2 ** 31 - 1
 
 
 @triton.jit
-def _lattice_codes(y, table_ptr, num_codes, out_zero,
-                   mid_offset, mid_step, mid_min, mid_max, mid_shift,
-                   low_threshold, low_offset, low_step, low_min, low_max, low_shift,
-                   high_threshold, high_offset, high_step, high_min, high_max, high_shift,
-                   HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
+def _lattice_codes(y, table_ptr, num_codes, out_zero, grid, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
     """int32 storage codes ``n - zero`` of fp32 values ``y`` on a lattice grid (region, index, code, n)."""
-    offset = tl.zeros_like(y) + mid_offset
-    step = tl.zeros_like(y) + mid_step
-    lo = tl.zeros_like(y) + mid_min
-    hi = tl.zeros_like(y) + mid_max
-    shift = tl.zeros_like(y) + mid_shift
-    if HAS_LOW:
-        below = y < low_threshold
-        offset = tl.where(below, low_offset, offset)
-        step = tl.where(below, low_step, step)
-        lo = tl.where(below, low_min, lo)
-        hi = tl.where(below, low_max, hi)
-        shift = tl.where(below, low_shift, shift)
-    if HAS_HIGH:
-        above = y > high_threshold
-        offset = tl.where(above, high_offset, offset)
-        step = tl.where(above, high_step, step)
-        lo = tl.where(above, high_min, lo)
-        hi = tl.where(above, high_max, hi)
-        shift = tl.where(above, high_shift, shift)
-    # Correctly rounded division, so the code matches torch's (y - offset) / step bit for bit.
-    index = tl.math.div_rn(y - offset, step)
-    # Clamping to integer bounds before rounding gives the same index as rounding first.
-    index = tl.minimum(tl.maximum(index, lo), hi)
-    index = (index + ROUND_MAGIC) - ROUND_MAGIC
-    code = (index + shift).to(tl.int32)
-    # NaN would otherwise index outside the table.
-    code = tl.minimum(tl.maximum(code, 0), num_codes - 1)
-    return tl.load(table_ptr + code) - out_zero
+    return tl.load(table_ptr + region_codes(y, grid, num_codes, HAS_LOW, HAS_HIGH)) - out_zero
 
 
 @triton.jit
@@ -83,10 +52,7 @@ def int8_conv2d_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sxn, sxh, sxw, sxc,
         w_stride_g, w_stride_k,
-        x_pad, leaky_slope, num_codes, out_zero,
-        mid_offset, mid_step, mid_min, mid_max, mid_shift,
-        low_threshold, low_offset, low_step, low_min, low_max, low_shift,
-        high_threshold, high_offset, high_step, high_min, high_max, high_shift,
+        x_pad, leaky_slope, num_codes, out_zero, grid,
         W_MUL: tl.constexpr, W_ADD: tl.constexpr, X_SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr,
         PACKED4: tl.constexpr, ACTIVATION: tl.constexpr, OUTPUT: tl.constexpr,
         HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr,
@@ -95,16 +61,9 @@ def int8_conv2d_kernel(
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    ow = offs_m % OW
-    rest = offs_m // OW
-    oh = rest % OH
-    batch = (rest // OH).to(tl.int64)
+    offs_m, m_ok, oh, ow, batch, ih0, iw0 = output_rows(pid_m, M, OH, OW, stride_h, stride_w, pad_h, pad_w, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < OC_group
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
 
     x_rows = x_ptr + batch * sxn + (group * C_group).to(tl.int64) * sxc
     w_group = w_ptr + group.to(tl.int64) * w_stride_g
@@ -112,12 +71,7 @@ def int8_conv2d_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for tap in range(0, num_taps):
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = ih0 + kh * dil_h
-        iw = iw0 + kw * dil_w
-        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pix_ptr = x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        pix_ok, pix_ptr = tap_pixels(tap, KW, ih0, iw0, dil_h, dil_w, H, W, m_ok, x_rows, sxh, sxw)
         for c0 in range(0, C_group, BLOCK_K):
             offs_c = c0 + tl.arange(0, BLOCK_K)
             c_ok = offs_c < C_group
@@ -165,11 +119,7 @@ def int8_conv2d_kernel(
             slope = tl.load(slope_ptr + channel, mask=n_ok, other=0.0)
             y = tl.where(y >= 0, y, y * slope[None, :])
         if OUTPUT == 1:
-            codes = _lattice_codes(y, table_ptr, num_codes, out_zero,
-                                   mid_offset, mid_step, mid_min, mid_max, mid_shift,
-                                   low_threshold, low_offset, low_step, low_min, low_max, low_shift,
-                                   high_threshold, high_offset, high_step, high_min, high_max, high_shift,
-                                   HAS_LOW, HAS_HIGH)
+            codes = _lattice_codes(y, table_ptr, num_codes, out_zero, grid, HAS_LOW, HAS_HIGH)
             tl.store(out_ptr + out_offs, codes.to(tl.int8), mask=out_mask)
         else:
             tl.store(out_ptr + out_offs, y, mask=out_mask)
@@ -177,10 +127,7 @@ def int8_conv2d_kernel(
 
 @triton.jit
 def lattice_quantize_kernel(
-        x_ptr, out_ptr, total, C, H, W, sxn, sxc, sxh, sxw, table_ptr, num_codes, out_zero,
-        mid_offset, mid_step, mid_min, mid_max, mid_shift,
-        low_threshold, low_offset, low_step, low_min, low_max, low_shift,
-        high_threshold, high_offset, high_step, high_min, high_max, high_shift,
+        x_ptr, out_ptr, total, C, H, W, sxn, sxc, sxh, sxw, table_ptr, num_codes, out_zero, grid,
         HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
@@ -192,11 +139,7 @@ def lattice_quantize_kernel(
     h = rest % H
     n = rest // H
     x = tl.load(x_ptr + n * sxn + c * sxc + h * sxh + w * sxw, mask=mask, other=0.0).to(tl.float32)
-    codes = _lattice_codes(x, table_ptr, num_codes, out_zero,
-                           mid_offset, mid_step, mid_min, mid_max, mid_shift,
-                           low_threshold, low_offset, low_step, low_min, low_max, low_shift,
-                           high_threshold, high_offset, high_step, high_min, high_max, high_shift,
-                           HAS_LOW, HAS_HIGH)
+    codes = _lattice_codes(x, table_ptr, num_codes, out_zero, grid, HAS_LOW, HAS_HIGH)
     tl.store(out_ptr + offs, codes.to(tl.int8), mask=mask)
 
 
@@ -237,7 +180,7 @@ class LatticeGrid:
 
 
 @dataclass
-class Int8Weight:
+class Int8Weight(WeightLayout):
     """Integer weights in the kernel's layout: ``weight = step[c] * (mul * q + add)``.
 
     ``data`` is ``(groups, K, OC_group)`` int8 ``q`` with ``K = tap * C_group + channel`` (taps in row-major
@@ -252,12 +195,6 @@ class Int8Weight:
     mul: int
     add: int
     max_abs_integer: int
-    bias: Optional[torch.Tensor]
-    out_channels: int
-    in_channels_per_group: int
-    kernel_size: Tuple[int, int]
-    groups: int
-    packed4: bool
 
     @property
     def reduction(self) -> int:
@@ -291,15 +228,8 @@ def pack_int8_weight(codes: torch.Tensor, step: torch.Tensor, zero_point: float,
         groups: Convolution groups.
         bits: Weight bits, at most 8; up to 4 bits are packed two per byte.
     """
-    if codes.dim() == 2:
-        codes = codes[:, :, None, None]
-    if codes.dim() != 4:
-        raise ValueError(f'weight codes must be (OC, C, KH, KW) or (OC, C), got shape {tuple(codes.shape)}')
-    if not 1 <= bits <= 8:
-        raise ValueError(f'weight bits must be in [1, 8] for int8 weights, got {bits}')
+    codes = weight_codes(codes, groups, bits, ' for int8 weights')
     out_channels, c_group, kh, kw = codes.shape
-    if out_channels % groups:
-        raise ValueError(f'{out_channels} output channels do not split into {groups} groups')
     codes = codes.to(torch.int32)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
         raise ValueError(f'weight codes must lie in [0, {2 ** bits - 1}] for {bits} bits')
@@ -317,24 +247,14 @@ def pack_int8_weight(codes: torch.Tensor, step: torch.Tensor, zero_point: float,
     if q.numel() and (int(q.min()) < low or int(q.max()) > high):
         raise ValueError(f'weight codes minus {offset} leave the {bits}-bit signed range [{low}, {high}]')
     integers = q * mul + add
-    oc_group = out_channels // groups
-    # (G, OCg, Cg, KH, KW) -> (G, KH, KW, Cg, OCg) -> (G, K, OCg): K runs over taps, then channels.
-    matrix = q.reshape(groups, oc_group, c_group, kh, kw).permute(0, 3, 4, 2, 1)
-    matrix = matrix.reshape(groups, kh * kw * c_group, oc_group)
+    matrix = gemm_matrix(q, groups)
     packed4 = bits <= 4
     if packed4:
-        nibbles = (matrix + 8).to(torch.uint8)
-        if nibbles.shape[1] % 2:
-            # The pad nibble 8 is q = 0; the kernel masks it anyway.
-            nibbles = torch.cat([nibbles, nibbles.new_full((groups, 1, oc_group), 8)], dim=1)
-        data = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+        # The pad nibble 8 is q = 0; the kernel masks it anyway.
+        data = pack_nibbles((matrix + 8).to(torch.uint8), 8)
     else:
         data = matrix.to(torch.int8)
-    step = step.detach().reshape(-1).to(torch.float64)
-    if step.numel() == 1:
-        step = step.expand(out_channels)
-    if step.numel() != out_channels:
-        raise ValueError(f'step has {step.numel()} elements for {out_channels} output channels')
+    step = per_channel(step, out_channels, 'step', torch.float64)
     if bias is not None:
         bias = bias.detach().reshape(-1).to(torch.float32).contiguous()
         if bias.numel() != out_channels:
@@ -356,34 +276,11 @@ def default_blocks(m: int, oc_group: int, c_group: int) -> Tuple[int, int, int]:
     return 128, block_n, block_k
 
 
-def _pair(value) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    first, second = value
-    return int(first), int(second)
-
-
-def _padding(value) -> Tuple[int, int, int, int]:
-    if isinstance(value, int):
-        return value, value, value, value
-    value = tuple(int(v) for v in value)
-    if len(value) == 2:
-        return value[0], value[0], value[1], value[1]
-    if len(value) == 4:
-        return value
-    raise ValueError(f'padding must be an int, a pair or (top, bottom, left, right), got {value}')
-
-
-def _region_args(region: Optional[Region]) -> Tuple[float, ...]:
-    return tuple(float(v) for v in region) if region is not None else (0.0, 1.0, 0.0, 0.0, 0.0)
-
-
 def _grid_args(grid: Optional[LatticeGrid]) -> tuple:
+    # (num_codes, out_zero, grid) of the kernels; without a grid the codes are never computed.
     if grid is None:
-        return (1, 0) + _region_args(None) + (float('-inf'),) + _region_args(None) + (float('inf'),) + \
-            _region_args(None)
-    return (grid.integers.numel(), int(grid.zero)) + _region_args(grid.middle) + (float(grid.low_threshold),) + \
-        _region_args(grid.low) + (float(grid.high_threshold),) + _region_args(grid.high)
+        return 1, 0, region_args(None)
+    return grid.integers.numel(), int(grid.zero), region_args(grid)
 
 
 def _activation_code(activation: str) -> int:
@@ -443,20 +340,11 @@ def int8_conv2d(x: torch.Tensor, weight: Int8Weight, x_grid: LatticeGrid, stride
     n, h, w, c = x.shape
     if c != weight.in_channels_per_group * weight.groups:
         raise ValueError(f'input has {c} channels; the weight expects {weight.in_channels_per_group * weight.groups}')
-    kh, kw = weight.kernel_size
-    sh, sw = _pair(stride)
-    top, bottom, left, right = _padding(padding)
-    dh, dw = _pair(dilation)
-    if min(sh, sw, dh, dw) < 1 or min(top, bottom, left, right) < 0:
-        raise ValueError('stride and dilation must be positive and padding non-negative')
-    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f'input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}')
+    (oh, ow), geometry = conv_geometry(h, w, weight.kernel_size, stride, padding, dilation, strict=True)
     out = _allocate(x, weight, x_grid, (n, oh, ow), activation, next_grid, output)
     if out.numel():
         _launch(x, (h, w, n * oh * ow, oh, ow), (x.stride(0), x.stride(1), x.stride(2), x.stride(3)), weight,
-                x_grid, (sh, sw, top, left, dh, dw), activation, slope, next_grid, output, out, blocks, num_warps,
+                x_grid, geometry, activation, slope, next_grid, output, out, blocks, num_warps,
                 num_stages)
     return out
 
@@ -468,8 +356,7 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, x_grid: LatticeGrid, activa
     """Linear layer on ``(..., C)`` int8 codes: the 1x1 convolution over a 1 x M image of rows."""
     if x.dtype != torch.int8:
         raise ValueError(f'input codes must be int8, got {x.dtype}')
-    if weight.kernel_size != (1, 1) or weight.groups != 1:
-        raise ValueError('a linear weight must be packed from an (OC, C) matrix with groups=1')
+    weight.check_linear()
     c = weight.in_channels_per_group
     if x.dim() < 1 or x.shape[-1] != c:
         raise ValueError(f'input has {x.shape[-1] if x.dim() else 0} features; the weight expects {c}')
@@ -599,10 +486,10 @@ def int8_conv2d_reference(x: torch.Tensor, weight: Int8Weight, x_grid: LatticeGr
         raise ValueError(f'output must be one of {OUTPUTS}, got {output!r}')
     act = _activation_code(activation)
     integers = (x.to(torch.int64) + int(x_grid.zero)).permute(0, 3, 1, 2).to(torch.float64)
-    top, bottom, left, right = _padding(padding)
+    top, bottom, left, right = padding4(padding)
     integers = F.pad(integers, (left, right, top, bottom))
-    total = F.conv2d(integers, weight.integers().to(device=x.device, dtype=torch.float64), None, _pair(stride), 0,
-                     _pair(dilation), weight.groups)
+    total = F.conv2d(integers, weight.integers().to(device=x.device, dtype=torch.float64), None, pair(stride), 0,
+                     pair(dilation), weight.groups)
     total = total.permute(0, 2, 3, 1).round().to(torch.int64)
     if total.numel() and int(total.abs().max()) > INT32_LIMIT:
         raise ValueError('the integer sums overflow int32')

@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Adding then subtracting 1.5 * 2^23 rounds an fp32 of magnitude below 2^22 to the nearest integer,
-# ties to even, exactly as torch.round does; libdevice.rint is not available in the interpreter.
-ROUND_MAGIC = tl.constexpr(12582912.0)
+from .conv_layout import (conv_geometry, gemm_matrix, output_rows, pack_nibbles, per_channel, tap_pixels,
+                          WeightLayout, weight_codes)
+from .region_codes import region_args, region_codes
+
 DOT_PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 
 
@@ -34,38 +35,24 @@ def quant_conv2d_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sxn, sxc, sxh, sxw, son, soc, soh, sow,
         w_stride_g, w_stride_k,
-        zero_point,
-        mid_offset, mid_step, mid_min, mid_max, mid_shift,
-        low_threshold, low_offset, low_step, low_min, low_max, low_shift,
-        high_threshold, high_offset, high_step, high_min, high_max, high_shift,
+        zero_point, grid,
         HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED4: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N * OH * OW
-    ow = offs_m % OW
-    rest = offs_m // OW
-    oh = rest % OH
-    batch = (rest // OH).to(tl.int64)
+    offs_m, m_ok, oh, ow, batch, ih0, iw0 = output_rows(pid_m, N * OH * OW, OH, OW, stride_h, stride_w, pad_h, pad_w,
+                                                         BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < OC_group
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
 
     x_rows = x_ptr + batch * sxn + (group * C_group).to(tl.int64) * sxc
     w_group = w_ptr + group.to(tl.int64) * w_stride_g
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(0, num_taps):
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = ih0 + kh * dil_h
-        iw = iw0 + kw * dil_w
-        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pix_ptr = x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        pix_ok, pix_ptr = tap_pixels(tap, KW, ih0, iw0, dil_h, dil_w, H, W, m_ok, x_rows, sxh, sxw)
         for c0 in range(0, C_group, BLOCK_K):
             offs_c = c0 + tl.arange(0, BLOCK_K)
             c_ok = offs_c < C_group
@@ -73,34 +60,7 @@ def quant_conv2d_kernel(
             x = tl.load(pix_ptr[:, None] + offs_c[None, :].to(tl.int64) * sxc, mask=a_mask, other=0.0)
             x = x.to(tl.float32)
 
-            # Pick each value's region first, so one division serves all three regions.
-            offset = tl.zeros_like(x) + mid_offset
-            step = tl.zeros_like(x) + mid_step
-            lo = tl.zeros_like(x) + mid_min
-            hi = tl.zeros_like(x) + mid_max
-            shift = tl.zeros_like(x) + mid_shift
-            if HAS_LOW:
-                below = x < low_threshold
-                offset = tl.where(below, low_offset, offset)
-                step = tl.where(below, low_step, step)
-                lo = tl.where(below, low_min, lo)
-                hi = tl.where(below, low_max, hi)
-                shift = tl.where(below, low_shift, shift)
-            if HAS_HIGH:
-                above = x > high_threshold
-                offset = tl.where(above, high_offset, offset)
-                step = tl.where(above, high_step, step)
-                lo = tl.where(above, high_min, lo)
-                hi = tl.where(above, high_max, hi)
-                shift = tl.where(above, high_shift, shift)
-            # Correctly rounded division: the code must match torch's (x - offset) / step bit for bit.
-            index = tl.math.div_rn(x - offset, step)
-            # Clamping to integer bounds before rounding gives the same index as rounding first.
-            index = tl.minimum(tl.maximum(index, lo), hi)
-            index = (index + ROUND_MAGIC) - ROUND_MAGIC
-            code = (index + shift).to(tl.int32)
-            # NaN inputs would otherwise index outside the table.
-            code = tl.minimum(tl.maximum(code, 0), num_codes - 1)
+            code = region_codes(x, grid, num_codes, HAS_LOW, HAS_HIGH)
             a = tl.load(table_ptr + code, mask=a_mask, other=0.0)
 
             k = tap * C_group + offs_c
@@ -125,7 +85,7 @@ def quant_conv2d_kernel(
 
 
 @dataclass
-class PackedWeight:
+class PackedWeight(WeightLayout):
     """Integer weight codes in the kernel's layout.
 
     ``codes`` is ``(groups, K, OC_group)`` uint8 with ``K = tap * C_group + channel`` (taps in row-major
@@ -136,12 +96,6 @@ class PackedWeight:
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: float
-    bias: Optional[torch.Tensor]
-    out_channels: int
-    in_channels_per_group: int
-    kernel_size: Tuple[int, int]
-    groups: int
-    packed4: bool
 
 
 @dataclass
@@ -172,29 +126,13 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: float, bia
         groups: Convolution groups.
         bits: Weight bits; up to 4 bits are packed two codes per byte.
     """
-    if codes.dim() == 2:
-        codes = codes[:, :, None, None]
-    if codes.dim() != 4:
-        raise ValueError(f'weight codes must be (OC, C, KH, KW) or (OC, C), got shape {tuple(codes.shape)}')
-    if not 1 <= bits <= 8:
-        raise ValueError(f'weight bits must be in [1, 8], got {bits}')
+    codes = weight_codes(codes, groups, bits)
     out_channels, c_group, kh, kw = codes.shape
-    if out_channels % groups:
-        raise ValueError(f'{out_channels} output channels do not split into {groups} groups')
-    oc_group = out_channels // groups
-    # (G, OCg, Cg, KH, KW) -> (G, KH, KW, Cg, OCg) -> (G, K, OCg): K runs over taps, then channels.
-    matrix = codes.reshape(groups, oc_group, c_group, kh, kw).permute(0, 3, 4, 2, 1)
-    matrix = matrix.reshape(groups, kh * kw * c_group, oc_group).to(torch.uint8)
+    matrix = gemm_matrix(codes, groups).to(torch.uint8)
     packed4 = bits <= 4
     if packed4:
-        if matrix.shape[1] % 2:
-            matrix = torch.cat([matrix, matrix.new_zeros(groups, 1, oc_group)], dim=1)
-        matrix = matrix[:, 0::2] | (matrix[:, 1::2] << 4)
-    scale = scale.detach().reshape(-1).to(torch.float32)
-    if scale.numel() == 1:
-        scale = scale.expand(out_channels)
-    if scale.numel() != out_channels:
-        raise ValueError(f'scale has {scale.numel()} elements for {out_channels} output channels')
+        matrix = pack_nibbles(matrix, 0)
+    scale = per_channel(scale, out_channels, 'scale', torch.float32)
     if bias is not None:
         bias = bias.detach().reshape(-1).to(torch.float32).contiguous()
     return PackedWeight(codes=matrix.contiguous(), scale=scale.contiguous(), zero_point=float(zero_point),
@@ -217,10 +155,6 @@ def default_blocks(m: int, oc_group: int, c_group: int, precision: str = 'ieee')
     block_k = max(16, min(32, triton.next_power_of_2(c_group)))
     wide = not interpreting() and m > 4096 and precision != 'ieee'
     return (128 if wide else 64), block_n, block_k
-
-
-def _region_args(region: Optional[Tuple[float, ...]]) -> Tuple[float, ...]:
-    return tuple(float(v) for v in region) if region is not None else (0.0, 1.0, 0.0, 0.0, 0.0)
 
 
 def quant_conv2d(x: torch.Tensor, weight: PackedWeight, grid: GridParams, stride=(1, 1), padding=(0, 0),
@@ -257,14 +191,7 @@ def quant_conv2d(x: torch.Tensor, weight: PackedWeight, grid: GridParams, stride
         devices.add(weight.bias.device)
     if len(devices) != 1:
         raise ValueError(f'input, weight codes, scales, bias and level table must share one device, got {devices}')
-    kh, kw = weight.kernel_size
-    sh, sw = _pair(stride)
-    top, bottom, left, right = _padding(padding)
-    dh, dw = _pair(dilation)
-    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f'input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding}')
+    (oh, ow), geometry = conv_geometry(h, w, weight.kernel_size, stride, padding, dilation)
     oc = weight.out_channels
     if out is None:
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -273,7 +200,7 @@ def quant_conv2d(x: torch.Tensor, weight: PackedWeight, grid: GridParams, stride
     elif out.shape != (n, oc, oh, ow) or out.dtype != torch.float32:
         raise ValueError(f'out must be float32 of shape {(n, oc, oh, ow)}, got {out.dtype} {tuple(out.shape)}')
     _launch(x, (n, h, w), (x.stride(0), x.stride(1), x.stride(2), x.stride(3)), weight, grid,
-            (oh, ow), (sh, sw, top, left, dh, dw), out, (out.stride(0), out.stride(1), out.stride(2), out.stride(3)),
+            (oh, ow), geometry, out, (out.stride(0), out.stride(1), out.stride(2), out.stride(3)),
             precision, blocks, num_warps, num_stages)
     return out
 
@@ -284,8 +211,7 @@ def quant_linear(x: torch.Tensor, weight: PackedWeight, grid: GridParams, precis
     """Quantized linear layer on an fp32 ``(..., C)`` input: the 1x1 conv over a 1 x M image of rows."""
     if x.dtype != torch.float32:
         raise ValueError(f'input must be float32, got {x.dtype}')
-    if weight.kernel_size != (1, 1) or weight.groups != 1:
-        raise ValueError('a linear weight must be packed from an (OC, C) matrix with groups=1')
+    weight.check_linear()
     c = weight.in_channels_per_group
     if x.shape[-1] != c:
         raise ValueError(f'input has {x.shape[-1]} features; the weight expects {c}')
@@ -301,24 +227,6 @@ def quant_linear(x: torch.Tensor, weight: PackedWeight, grid: GridParams, precis
         _launch(rows, (1, 1, m), (0, 1, 0, rows.stride(0)), weight, grid, (1, m), (1, 1, 0, 0, 1, 1), out,
                 (0, 1, 0, oc), precision, blocks, num_warps, num_stages)
     return out.reshape(*lead, oc)
-
-
-def _pair(value) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    first, second = value
-    return int(first), int(second)
-
-
-def _padding(value) -> Tuple[int, int, int, int]:
-    if isinstance(value, int):
-        return value, value, value, value
-    value = tuple(int(v) for v in value)
-    if len(value) == 2:
-        return value[0], value[0], value[1], value[1]
-    if len(value) == 4:
-        return value
-    raise ValueError(f'padding must be an int, a pair or (top, bottom, left, right), got {value}')
 
 
 def _launch(x, sizes, x_strides, weight: PackedWeight, grid: GridParams, out_size, geometry, out, out_strides,
@@ -343,10 +251,7 @@ def _launch(x, sizes, x_strides, weight: PackedWeight, grid: GridParams, out_siz
         *geometry,
         *x_strides, *out_strides,
         weight.codes.stride(0), weight.codes.stride(1),
-        weight.zero_point,
-        *_region_args(grid.middle),
-        float(grid.low_threshold), *_region_args(grid.low),
-        float(grid.high_threshold), *_region_args(grid.high),
+        weight.zero_point, region_args(grid),
         HAS_LOW=grid.low is not None, HAS_HIGH=grid.high is not None, HAS_BIAS=weight.bias is not None,
         PACKED4=weight.packed4, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import difflib
 import os
 import signal
-from typing import Iterable, Union
+import sys
+from typing import Callable, Iterable, Union
 
 
 class OAQError(Exception):
@@ -58,3 +59,30 @@ def closest(name: str, candidates: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix for the closest candidate, or '' when none is close."""
     match = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ''
+
+
+def exit_code_of(action: Callable[[], int], *, prog: str, resume_hint: str, debug: bool = False) -> int:
+    """Run a command-line ``action`` and turn what a user can act on into one line on stderr and an exit code.
+
+    Args:
+        action: The command; its return value is the exit code when it succeeds.
+        prog: What the lines start with (``oaq_plugin``, ``oaq quantize``).
+        resume_hint: How to continue an interrupted run (``rerun with --auto_resume``).
+        debug: Re-raise errors, with their traceback, instead of printing one line.
+
+    Returns:
+        The action's code; 2 for an :class:`OAQError` or a missing file; ``128 + signal`` for an interrupted run.
+    """
+    try:
+        return action()
+    except Interrupted as stop:
+        print(f'{prog}: interrupted; state saved to {stop.state_path}; {resume_hint} to continue', file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (OAQError, FileNotFoundError) as error:
+        if debug:
+            raise
+        print(f'{prog}: error: {error}', file=sys.stderr)
+        return 2

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedLayerError
 from ..quant.layers import QuantLayer
 from ..quant.region_grid import RegionGrid
-from .triton_backend import _same_padding, _state_key, grid_params
+from .triton_backend import CachedExecutor, conv_input, grid_params
 
 # Levels may sit off the exact lattice by float32 rounding of ``offset + i * step``: a few ulps of the
 # largest level. Anything farther is not a lattice (the int8 result would differ from the reference).
@@ -121,7 +120,7 @@ def lattice_params(grid: RegionGrid, lattice: Lattice, device: torch.device):
                        low_threshold=params.low_threshold, high_threshold=params.high_threshold)
 
 
-class Int8Executor:
+class Int8Executor(CachedExecutor):
     """A :class:`QuantLayer` executor running the int8 lattice kernel.
 
     Args:
@@ -133,39 +132,29 @@ class Int8Executor:
 
     def __init__(self, blocks: Optional[Tuple[int, int, int]] = None, num_warps: int = 4,
                  num_stages: int = 3) -> None:
+        super().__init__()
         self.blocks = blocks
         self.num_warps = num_warps
         self.num_stages = num_stages
-        self._key: Optional[tuple] = None
-        self._weight = None
-        self._grid = None
 
-    def prepare(self, layer: QuantLayer):
-        """The layer's packed weight and input lattice (rebuilt only when the layer changed)."""
+    def _build(self, layer: QuantLayer) -> tuple:
+        """The layer's packed weight and input lattice."""
         from ..kernels.int8_conv2d import pack_int8_weight
-        key = _state_key(layer)
-        if key != self._key:
-            reason = int8_unsupported_reason(layer)
-            if reason is not None:
-                raise UnsupportedLayerError(f"layer '{layer.layer_name}': {reason}; use backend 'triton' or "
-                                            "'reference' for it")
-            grid = layer.act_quantizer.grid()
-            lattice, _ = integer_lattice(grid)
-            codes, step, zero_point = layer.weight_quantizer.integer_codes(layer.weight)
-            module = layer.module
-            groups = module.groups if isinstance(module, nn.Conv2d) else 1
-            self._weight = pack_int8_weight(codes, step, zero_point, module.bias, groups,
-                                            layer.weight_quantizer.bits)
-            self._grid = lattice_params(grid, lattice, layer.weight.device)
-            self._key = key
-        return self._weight, self._grid
+        reason = int8_unsupported_reason(layer)
+        if reason is not None:
+            raise UnsupportedLayerError(f"layer '{layer.layer_name}': {reason}; use backend 'triton' or "
+                                        "'reference' for it")
+        grid = layer.act_quantizer.grid()
+        lattice, _ = integer_lattice(grid)
+        codes, step, zero_point = layer.weight_quantizer.integer_codes(layer.weight)
+        module = layer.module
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        weight = pack_int8_weight(codes, step, zero_point, module.bias, groups, layer.weight_quantizer.bits)
+        return weight, lattice_params(grid, lattice, layer.weight.device)
 
     def __call__(self, layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
         from ..kernels.int8_conv2d import int8_conv2d, int8_linear, lattice_quantize
-        from ..kernels.quant_conv2d import interpreting
-        if not (x.is_cuda or interpreting()):
-            raise UnsupportedLayerError(f"layer '{layer.layer_name}': the triton_int8 backend needs the input on a "
-                                        f"CUDA device, got {x.device}; use to_backend(model, 'reference') on CPU")
+        self._check_device(layer, x)
         with torch.no_grad():
             weight, grid = self.prepare(layer)
             dtype = x.dtype
@@ -174,17 +163,7 @@ class Int8Executor:
             if isinstance(module, nn.Linear):
                 codes = lattice_quantize(x.to(torch.float32).contiguous(), grid)
                 return int8_linear(codes, weight, grid, **launch).to(dtype)
-            x = x.to(torch.float32)
-            if module.padding_mode != 'zeros':
-                # Quantization is elementwise, so padding by reflection/replication/wrapping commutes with it.
-                x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-                padding: tuple = (0, 0)
-            elif module.padding == 'same':
-                padding = _same_padding(module)
-            elif module.padding == 'valid':
-                padding = (0, 0)
-            else:
-                padding = module.padding
+            x, padding = conv_input(module, x.to(torch.float32))
             codes = lattice_quantize(x, grid)
             out = int8_conv2d(codes, weight, grid, stride=module.stride, padding=padding, dilation=module.dilation,
                               **launch)

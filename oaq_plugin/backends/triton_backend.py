@@ -74,7 +74,50 @@ def _same_padding(module: nn.Conv2d) -> Tuple[int, int, int, int]:
     return sizes[0] + sizes[1]
 
 
-class TritonExecutor:
+def conv_input(module: nn.Conv2d, x: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
+    """``(x, padding)`` for a zero-padding kernel: a non-zero padding mode is applied to ``x`` here."""
+    if module.padding_mode != 'zeros':
+        # Quantization is elementwise, so padding by reflection/replication/wrapping commutes with it.
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0, 0)
+    if module.padding == 'same':
+        return x, _same_padding(module)
+    if module.padding == 'valid':
+        return x, (0, 0)
+    return x, module.padding
+
+
+class CachedExecutor:
+    """An executor keeping a layer's kernel operands (weight, grid) until any parameter or buffer changes.
+
+    Subclasses set ``name`` and build the operands in ``_build``.
+    """
+
+    name = ''
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._weight = None
+        self._grid = None
+
+    def _build(self, layer: QuantLayer) -> tuple:
+        raise NotImplementedError
+
+    def prepare(self, layer: QuantLayer):
+        """The layer's kernel weight and input grid (rebuilt only when the layer changed)."""
+        key = _state_key(layer)
+        if key != self._key:
+            self._weight, self._grid = self._build(layer)
+            self._key = key
+        return self._weight, self._grid
+
+    def _check_device(self, layer: QuantLayer, x: torch.Tensor) -> None:
+        from ..kernels.quant_conv2d import interpreting
+        if not (x.is_cuda or interpreting()):
+            raise UnsupportedLayerError(f"layer '{layer.layer_name}': the {self.name} backend needs the input on a "
+                                        f"CUDA device, got {x.device}; use to_backend(model, 'reference') on CPU")
+
+
+class TritonExecutor(CachedExecutor):
     """A :class:`QuantLayer` executor running the Triton kernel.
 
     Args:
@@ -86,30 +129,22 @@ class TritonExecutor:
     name = 'triton'
 
     def __init__(self, precision: str = 'ieee', blocks: Optional[Tuple[int, int, int]] = None) -> None:
+        super().__init__()
         self.precision = precision
         self.blocks = blocks
-        self._key: Optional[tuple] = None
-        self._weight = None
-        self._grid = None
 
-    def prepare(self, layer: QuantLayer):
-        """The layer's packed weight and grid parameters (rebuilt only when the layer changed)."""
+    def _build(self, layer: QuantLayer) -> tuple:
+        """The layer's packed weight and grid parameters."""
         from ..kernels.quant_conv2d import pack_weight
-        key = _state_key(layer)
-        if key != self._key:
-            codes, step, zero_point = layer.weight_quantizer.integer_codes(layer.weight)
-            module = layer.module
-            groups = module.groups if isinstance(module, nn.Conv2d) else 1
-            self._weight = pack_weight(codes, step, zero_point, module.bias, groups, layer.weight_quantizer.bits)
-            self._grid = grid_params(layer.act_quantizer.grid(), layer.weight.device)
-            self._key = key
-        return self._weight, self._grid
+        codes, step, zero_point = layer.weight_quantizer.integer_codes(layer.weight)
+        module = layer.module
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        weight = pack_weight(codes, step, zero_point, module.bias, groups, layer.weight_quantizer.bits)
+        return weight, grid_params(layer.act_quantizer.grid(), layer.weight.device)
 
     def __call__(self, layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels.quant_conv2d import interpreting, quant_linear
-        if not (x.is_cuda or interpreting()):
-            raise UnsupportedLayerError(f"layer '{layer.layer_name}': the triton backend needs the input on a CUDA "
-                                        f"device, got {x.device}; use to_backend(model, 'reference') on CPU")
+        from ..kernels.quant_conv2d import quant_linear
+        self._check_device(layer, x)
         reason = unsupported_reason(layer)
         if reason is not None:
             raise UnsupportedLayerError(f"layer '{layer.layer_name}': {reason}")
@@ -126,15 +161,6 @@ class TritonExecutor:
 
     def _conv(self, module: nn.Conv2d, x: torch.Tensor, weight, grid) -> torch.Tensor:
         from ..kernels.quant_conv2d import quant_conv2d
-        if module.padding_mode != 'zeros':
-            # Quantization is elementwise, so padding by reflection/replication/wrapping commutes with it.
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding: tuple = (0, 0)
-        elif module.padding == 'same':
-            padding = _same_padding(module)
-        elif module.padding == 'valid':
-            padding = (0, 0)
-        else:
-            padding = module.padding
+        x, padding = conv_input(module, x)
         return quant_conv2d(x, weight, grid, stride=module.stride, padding=padding, dilation=module.dilation,
                             precision=self.precision, blocks=self.blocks)

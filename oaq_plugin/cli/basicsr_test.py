@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import Interrupted, OAQError
+from ..errors import exit_code_of
 
 EPILOG = """\
 oaq: options
@@ -92,28 +92,24 @@ def main(argv: Optional[List[str]] = None, prog: str = 'oaq-test') -> int:
     sys.argv = [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))
     from ..compat import install_basicsr_compat
     install_basicsr_compat()
-    try:
+    opt: dict = {}
+
+    def run() -> int:
         from ..basicsr_plugin.preflight import check_option_file, load_option_file
         from ..basicsr_plugin.registration import register
         register()
-        opt = load_option_file(args.opt, args.force_yml or ())
+        opt.update(load_option_file(args.opt, args.force_yml or ()))
         check_option_file(opt)
         if args.launcher == 'pytorch':
             _start_cpu_process_group()
         from basicsr.test import test_pipeline
         test_pipeline(os.getcwd())
-    except Interrupted as stop:
-        print(f'oaq_plugin: interrupted; state saved to {stop.state_path}; rerun with --auto_resume '
-              '(or oaq.resume: true) to continue', file=sys.stderr)
-        return stop.exit_code
-    except (OAQError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f'oaq_plugin: error: {error}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('oaq_plugin: interrupted', file=sys.stderr)
-        return 130
+        return 0
+
+    code = exit_code_of(run, prog='oaq_plugin', resume_hint='rerun with --auto_resume (or oaq.resume: true)',
+                        debug=args.debug)
+    if code != 0:
+        return code
     if _rank() == 0:
         name = opt['name'] if not args.debug or opt['name'].startswith('debug') else f"debug_{opt['name']}"
         print(closing_summary(Path('results') / name), flush=True)

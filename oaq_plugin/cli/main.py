@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import BACKENDS
-from ..errors import Interrupted, OAQError
+from ..errors import exit_code_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -105,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    try:
+    def run() -> int:
         if args.command == 'quantize':
             return _quantize(args, argv)
         from .tables import compare_table, report_summary
@@ -117,18 +116,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         print(compare_table([Path(p) for p in args.results], args.format))
         return EXIT_OK
-    except Interrupted as stop:
-        print(f'oaq: interrupted; state saved to {stop.state_path}; run the same command with --resume to '
-              'continue', file=sys.stderr)
-        return stop.exit_code
-    except KeyboardInterrupt:
-        print('oaq: interrupted', file=sys.stderr)
-        return 128 + signal.SIGINT
-    except (OAQError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f'oaq {args.command}: error: {error}', file=sys.stderr)
-        return EXIT_USAGE
+
+    return exit_code_of(run, prog=f'oaq {args.command}', resume_hint='run the same command with --resume',
+                        debug=args.debug)
 
 
 def entry_point() -> None:

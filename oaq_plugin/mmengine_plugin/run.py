@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
-from ..errors import DataError, Interrupted, OAQError
+from ..errors import DataError, exit_code_of
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -85,21 +85,18 @@ def build_runner(config: str, work_dir: Optional[str] = None, cfg_options: Optio
 def main(argv: Optional[List[str]] = None) -> int:
     """Build the runner, run its test loop and print where the report is; returns the exit code."""
     args = parse_args(argv)
-    try:
-        runner = build_runner(args.config, args.work_dir, args.cfg_options, args.launcher, args.auto_resume)
-        metrics = runner.test()
-    except Interrupted as stop:
-        print(f'oaq_plugin: interrupted; state saved to {stop.state_path}; rerun with --auto-resume '
-              '(or oaq.resume: true) to continue', file=sys.stderr)
-        return stop.exit_code
-    except (OAQError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f'oaq_plugin: error: {error}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('oaq_plugin: interrupted', file=sys.stderr)
-        return 130
+    ran = {}
+
+    def run() -> int:
+        ran['runner'] = build_runner(args.config, args.work_dir, args.cfg_options, args.launcher, args.auto_resume)
+        ran['metrics'] = ran['runner'].test()
+        return 0
+
+    code = exit_code_of(run, prog='oaq_plugin', resume_hint='rerun with --auto-resume (or oaq.resume: true)',
+                        debug=args.debug)
+    if code != 0:
+        return code
+    runner, metrics = ran['runner'], ran['metrics']
     from ..experiment import REPORT_FILE
     report = Path(runner.work_dir) / REPORT_FILE
     print(json.dumps({k: float(v) if isinstance(v, (int, float)) else str(v) for k, v in metrics.items()}))
