@@ -10,7 +10,8 @@ import torch
 from oaq_plugin import OAQConfig
 from oaq_plugin.config import AnalysisConfig
 from oaq_plugin.pipeline.analysis.sensitivity import (LayerSensitivity, SensitivityReport, allocate_bits, fidelity_pairs,
-                                             layer_sensitivity, plot_sensitivity, psnr_y, sensitivity_allocation)
+                                             layer_sensitivity, plot_sensitivity, sensitivity_allocation)
+from oaq_plugin.pipeline.metrics.image_quality import psnr_y
 from oaq_plugin.quant import quant_layers
 from tiny_sr import calibrated_tiny, tiny_images, single_thread  # noqa: F401 (autouse fixture)
 

@@ -14,7 +14,7 @@ from torch import nn
 from ...config import OAQConfig
 from ...quant.convert import modes_restored, quantized_modules
 from ..io.patches import PatchSource
-from .sensitivity import psnr_from_mse, y_mse
+from ..metrics.image_quality import psnr_from_mse, y_mse
 
 logger = logging.getLogger('oaq_plugin')
 

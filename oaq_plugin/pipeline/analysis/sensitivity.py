@@ -22,40 +22,9 @@ from ...config import MAX_BITS, MIN_BITS, AnalysisConfig, OAQConfig
 from ...errors import ConfigError, DataError
 from ...quant.convert import modes_restored, quantized_modules, set_mode
 from ...quant.layers import QuantLayer, quant_layers
+from ..metrics.image_quality import psnr_from_mse, y_mse
 
 ImagePair = Tuple[torch.Tensor, torch.Tensor]
-
-
-def _luma(image: torch.Tensor) -> torch.Tensor:
-    """BT.601 Y (16-235) of an RGB [0, 1] image (C, H, W) after rounding it to uint8; one channel passes."""
-    pixels = (image.detach().float().clamp(0, 1) * 255.0).round().double()
-    if pixels.shape[0] == 3:
-        r, g, b = pixels[0], pixels[1], pixels[2]
-        return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
-    return pixels[0]
-
-
-def y_mse(output: torch.Tensor, reference: torch.Tensor, crop_border: int) -> float:
-    """Mean squared error on the Y channel, after uint8 rounding and cropping ``crop_border`` pixels
-    (the metric protocol of docs/METHOD.md, Metrics)."""
-    y_out, y_ref = _luma(output), _luma(reference)
-    height = min(y_out.shape[-2], y_ref.shape[-2])
-    width = min(y_out.shape[-1], y_ref.shape[-1])
-    y_out, y_ref = y_out[:height, :width], y_ref[:height, :width]
-    if crop_border:
-        y_out = y_out[crop_border:-crop_border, crop_border:-crop_border]
-        y_ref = y_ref[crop_border:-crop_border, crop_border:-crop_border]
-    return float((y_out - y_ref).pow(2).mean())
-
-
-def psnr_from_mse(mse: float) -> float:
-    return float('inf') if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
-
-
-def psnr_y(output: torch.Tensor, reference: torch.Tensor, crop_border: int) -> float:
-    """PSNR on the Y channel of two RGB [0, 1] images (C, H, W): the numbers of BasicSR's
-    ``calculate_psnr(..., test_y_channel=True)`` on ``tensor2img`` images."""
-    return psnr_from_mse(y_mse(output, reference, crop_border))
 
 
 @torch.no_grad()

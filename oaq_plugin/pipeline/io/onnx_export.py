@@ -34,6 +34,7 @@ from ...quant.fast_fake_quant import _clamp_ranges
 from ...quant.integer_lattice import weight_lattice
 from ...quant.layers import QuantLayer, quant_layers
 from ...quant.region_grid import RegionGrid
+from .export import write_atomically
 
 PathLike = Union[str, os.PathLike]
 ROUNDING_FORMS = ('sum', 'exact')
@@ -420,10 +421,7 @@ def export_onnx(qmodel: Union[nn.Module, PathLike], path: PathLike, example_inpu
                               do_constant_folding=True, autograd_inlining=False)
     finally:
         qmodel.train(was_training)
-    temporary = path.with_name(f'.{path.name}.tmp')
-    temporary.write_bytes(buffer.getvalue())
-    os.replace(temporary, path)
-    return path
+    return write_atomically(path, lambda stream: stream.write(buffer.getvalue()))
 
 
 def onnx_session(path: Union[PathLike, bytes], threads: int = 1):

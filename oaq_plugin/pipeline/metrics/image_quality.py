@@ -7,6 +7,8 @@ float32 arithmetic so that every entry point reports the same digits. Images are
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -51,10 +53,7 @@ def _prepare(image: np.ndarray, reference: np.ndarray, crop_border: int, test_y_
 def psnr(image: np.ndarray, reference: np.ndarray, crop_border: int = 0, test_y_channel: bool = True) -> float:
     """PSNR (dB) of two (H, W, C) uint8 RGB images; ``inf`` when they are equal."""
     image, reference = _prepare(image, reference, crop_border, test_y_channel)
-    mse = np.mean((image - reference) ** 2)
-    if mse == 0:
-        return float('inf')
-    return float(10. * np.log10(255. * 255. / mse))
+    return psnr_from_mse(float(np.mean((image - reference) ** 2)))
 
 
 def _ssim_single_channel(image: np.ndarray, reference: np.ndarray) -> float:
@@ -99,3 +98,40 @@ def mean_delta_e(rgb_a: np.ndarray, rgb_b: np.ndarray) -> float:
     if rgb_a.shape != rgb_b.shape:
         raise ValueError(f'image shapes differ: {rgb_a.shape} vs {rgb_b.shape}')
     return float(np.linalg.norm(srgb_to_lab(rgb_a) - srgb_to_lab(rgb_b), axis=-1).mean())
+
+
+def luma(image: torch.Tensor) -> torch.Tensor:
+    """BT.601 Y (16-235) of an RGB [0, 1] image tensor (C, H, W) after rounding it to uint8; one channel passes.
+
+    The tensor form of the protocol, for the analyses that score many network outputs without leaving torch;
+    it gives the digits of :func:`psnr` on :func:`tensor_to_uint8` images to about 1e-6 dB.
+    """
+    pixels = (image.detach().float().clamp(0, 1) * 255.0).round().double()
+    if pixels.shape[0] == 3:
+        r, g, b = pixels[0], pixels[1], pixels[2]
+        return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    return pixels[0]
+
+
+def y_mse(output: torch.Tensor, reference: torch.Tensor, crop_border: int) -> float:
+    """Mean squared error on the Y channel, after uint8 rounding and cropping ``crop_border`` pixels
+    (the metric protocol of docs/METHOD.md, Metrics)."""
+    y_out, y_ref = luma(output), luma(reference)
+    height = min(y_out.shape[-2], y_ref.shape[-2])
+    width = min(y_out.shape[-1], y_ref.shape[-1])
+    y_out, y_ref = y_out[:height, :width], y_ref[:height, :width]
+    if crop_border:
+        y_out = y_out[crop_border:-crop_border, crop_border:-crop_border]
+        y_ref = y_ref[crop_border:-crop_border, crop_border:-crop_border]
+    return float((y_out - y_ref).pow(2).mean())
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR (dB) of 8-bit images from their mean squared error; ``inf`` for equal images."""
+    return float('inf') if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def psnr_y(output: torch.Tensor, reference: torch.Tensor, crop_border: int) -> float:
+    """PSNR on the Y channel of two RGB [0, 1] images (C, H, W): the numbers of BasicSR's
+    ``calculate_psnr(..., test_y_channel=True)`` on ``tensor2img`` images."""
+    return psnr_from_mse(y_mse(output, reference, crop_border))
