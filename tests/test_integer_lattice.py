@@ -104,6 +104,7 @@ def test_four_bit_tails_to_sixteen_breakpoints_fit_int8_and_eight_bit_dual_regio
 
 def test_off_by_default_and_the_float_grid_is_untouched():
     assert OAQConfig().integer_lattice is False
+    assert OAQConfig.from_dict({'preset': 'paper'}).integer_lattice is False
     q = DualRegionQuantizer(4)
     q.set_bounds(-3, 16)
     q.set_breakpoint(1.0)

@@ -121,7 +121,7 @@ VARIANTS = {
     'w8a8_uniform_lattice': {'w_bits': 8, 'a_bits': 8, 'act_quantizer': 'minmax', 'weight_grid': 'zero',
                              'integer_lattice': True},
     'w8a8_dual_lattice': {'w_bits': 8, 'a_bits': 8, 'integer_lattice': True},
-    'w4a4_float_grid': {'w_bits': 4, 'a_bits': 4},
+    'w4a4_float_grid': {'w_bits': 4, 'a_bits': 4, 'integer_lattice': False},
 }
 
 

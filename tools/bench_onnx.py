@@ -12,6 +12,8 @@ resident memory is that process's, ONNX Runtime rows without torch loaded): warm
     python tools/bench_onnx.py --out docs/bench --name onnx_cpu_2core             # all models, 1 and 2 threads
     python tools/bench_onnx.py --models imdn_x4 srvgg_x4 --threads 1 --runs 20    # a shorter run
     python tools/bench_onnx.py --forms imdn_x4 srvgg_x4                           # + W4A4 graph forms there
+    python tools/bench_onnx.py --models imdn_x4 srvgg_x4 --threads 1 --interleave --name onnx_interleaved
+                                                                    # rows in turn in one process
     python tools/bench_onnx.py --models imdn_x4 --threads 1 --runs 3 --forms --profile --name onnx_ops
                                                                     # time per ONNX op type instead
 
@@ -147,6 +149,30 @@ def measure(args) -> dict:
             'peak_rss_mb': peak_rss_mb()}
 
 
+def measure_interleaved(paths: List[str], threads: int, warmup: int, runs: int) -> List[dict]:
+    """Child process: the ONNX files run in turn, one run each per round, so that every file sees the same
+    load of a shared machine (rows timed one after the other do not)."""
+    import numpy as np
+    import onnxruntime
+    x = np.random.default_rng(0).random((1, 3) + FRAME, dtype=np.float32)
+    sessions = []
+    for path in paths:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        sessions.append(onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider']))
+    times: List[List[float]] = [[] for _ in paths]
+    for round_index in range(warmup + runs):
+        for index, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, {'input': x})
+            if round_index >= warmup:
+                times[index].append(time.perf_counter() - start)
+    return [{'median_ms': 1000 * statistics.median(t), 'min_ms': 1000 * min(t), 'max_ms': 1000 * max(t),
+             'runs': len(t)} for t in times]
+
+
 def op_profile(path: str, threads: int, x, runs: int = 3) -> Dict[str, float]:
     """Milliseconds per run spent in each ONNX op type (ONNX Runtime's profiler), largest first."""
     import onnxruntime
@@ -237,10 +263,17 @@ def main(argv=None) -> int:
     parser.add_argument('--name', default='onnx_cpu')
     parser.add_argument('--profile', action='store_true',
                         help='instead of timing, profile the ONNX Runtime rows (time per op type, 1 thread)')
+    parser.add_argument('--interleave', action='store_true',
+                        help='time the ONNX Runtime rows of a model in one process, in turn (fair under load; '
+                             'no per-row memory)')
+    parser.add_argument('--measure-many', nargs='+', help=argparse.SUPPRESS)
     parser.add_argument('--measure', help=argparse.SUPPRESS)
     parser.add_argument('--profile-ops', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--measure-torch', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure_many:
+        print(json.dumps(measure_interleaved(args.measure_many, args.threads[0], args.warmup, args.runs)))
+        return 0
     if args.measure or args.measure_torch:
         args.threads = args.threads[0]
         print(json.dumps(measure(args)))
@@ -266,7 +299,19 @@ def main(argv=None) -> int:
             forms = args.forms is not None and (not args.forms or key in args.forms)
             files = export_all(key, Path(folder), forms)
             rows: Dict[str, dict] = {}
-            for row in ROWS:
+            if args.interleave:
+                ort_rows = [row for row in ROWS if row in files]
+                for row in ort_rows:
+                    rows[row] = {'file_mb': files[row].stat().st_size / 2 ** 20}
+                for threads in args.threads:
+                    command = [sys.executable, __file__, '--threads', str(threads), '--runs', str(args.runs),
+                               '--warmup', str(args.warmup), '--measure-many'] + [str(files[r]) for r in ort_rows]
+                    done = subprocess.run(command, capture_output=True, text=True, check=True,
+                                          env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
+                    for row, measured in zip(ort_rows, json.loads(done.stdout.strip().splitlines()[-1])):
+                        rows[row][str(threads)] = measured
+                        print(f"  {ROWS[row]:48s} {threads} thr {measured['median_ms']:9.1f} ms", flush=True)
+            for row in ROWS if not args.interleave else ():
                 if row not in files and row != 'torch_fp32':
                     continue
                 rows[row] = {}

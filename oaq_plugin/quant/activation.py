@@ -7,7 +7,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import CalibConfig, OAQConfig
+from ..config import CalibConfig
 from .fast_fake_quant import fast_quantize
 from .integer_lattice import to_lattice
 from .observer import ActivationObserver, ObservedStats
@@ -26,7 +26,8 @@ class ActivationQuantizer(nn.Module):
         percentile: Percentile used by the observer's upper quantile.
         sample_size: Values the observer keeps.
         seed: Observer sampling seed.
-        integer_lattice: Put every grid on an integer lattice (:func:`~oaq_plugin.quant.integer_lattice.to_lattice`).
+        integer_lattice: Put every grid on an integer lattice (:func:`~oaq_plugin.quant.integer_lattice.to_lattice`);
+            off for a bare quantizer, set from ``OAQConfig.integer_lattice`` by the conversion.
     """
 
     # The switch of the fast fake quantization used while training (see :func:`fast_fake_quantization`).
@@ -34,7 +35,7 @@ class ActivationQuantizer(nn.Module):
 
     def __init__(self, bits: int, percentile: float = CalibConfig.percentile,
                  sample_size: int = CalibConfig.sample_size, seed: int = CalibConfig.seed,
-                 integer_lattice: bool = OAQConfig.integer_lattice) -> None:
+                 integer_lattice: bool = False) -> None:
         super().__init__()
         self.bits = int(bits)
         self.integer_lattice = bool(integer_lattice)

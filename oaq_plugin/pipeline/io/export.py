@@ -308,7 +308,8 @@ def load_quantized(path: PathLike, model: Optional[nn.Module] = None,
         (``quantize_attention`` in the stored config) are wrapped again and get their stored quantizers.
     """
     payload = read_quantized(path)
-    config = OAQConfig.from_dict(payload['config'])
+    # Files written before the integer lattice existed hold float grids.
+    config = OAQConfig.from_dict({'integer_lattice': False, **payload['config']})
     plans = [LayerPlan(**plan) for plan in payload['plans']]
     if model is None:
         arch = payload.get('arch')
