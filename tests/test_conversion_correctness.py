@@ -20,15 +20,9 @@ from oaq_plugin.quant import DualRegionQuantizer, QuantLayer, UniformQuantizer, 
 from oaq_plugin.quant.convert import set_mode
 from oaq_plugin.quant.region_grid import MIN_STEP
 
+from tiny_sr import single_thread  # noqa: F401,E402 (autouse fixture)
+
 NO_SEARCH = {'search': {'enabled': False}}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
