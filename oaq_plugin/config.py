@@ -149,7 +149,9 @@ class RoundingConfig:
 
 @dataclass
 class ReconstructionConfig:
-    """Block reconstruction (BRECQ/QDrop-style), block by block after the search; beyond the paper.
+    """Block reconstruction (BRECQ/QDrop-style), block by block after the search; beyond the paper. On by
+    default: it measured best on the held-out split (docs/BENCHMARKS.md, "The default recipe"); the
+    ``paper`` preset turns it off.
 
     The network is cut into blocks (a module with at most ``max_layers`` quantized layers; a larger one is
     cut into its children) and each block, in execution order and on the inputs it sees with the earlier
@@ -193,7 +195,7 @@ class ReconstructionConfig:
             network's output energy; a block is then kept when this sum drops. ``0`` leaves the term out.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     max_layers: int = field(default=16, metadata=_range(1))
     iterations: int = field(default=250, metadata=_range(1))
     lr: float = field(default=1e-2, metadata=_range(0.0))

@@ -71,7 +71,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
-NO_SEARCH = {'search': {'enabled': False}}
+# Calibration alone: the search and block reconstruction (on by default) are not what these tests are about.
+CALIBRATION_ONLY = {'search': {'enabled': False}, 'reconstruction': {'enabled': False}}
 
 
 class TinySR(nn.Module):
@@ -100,7 +101,7 @@ _QUANTIZED = {}
 
 
 def tiny_sr_config(w_bits=4, a_bits=4, levels='paper') -> OAQConfig:
-    return OAQConfig.from_dict({**NO_SEARCH, 'w_bits': w_bits, 'a_bits': a_bits, 'levels': levels})
+    return OAQConfig.from_dict({**CALIBRATION_ONLY, 'w_bits': w_bits, 'a_bits': a_bits, 'levels': levels})
 
 
 def quantized_tiny_sr(w_bits=4, a_bits=4, levels='paper', transposed_tail=False):

@@ -18,9 +18,9 @@ from oaq_plugin.pipeline.stages.search import search
 from oaq_plugin.quant import (DualRegionQuantizer, QuantMatmul, QuantWindowAttention, convert, matmul_quantizers,
                               quant_matmuls, set_mode)
 from oaq_plugin.quant.convert import make_act_quantizer
+from layer_cases import CALIBRATION_ONLY
 from tiny_sr import single_thread  # noqa: F401 (autouse fixture)
 
-NO_SEARCH = {'search': {'enabled': False}}
 WINDOW = 4
 
 
@@ -49,7 +49,7 @@ def swinir():
 @pytest.fixture(scope='module')
 def w4a4_pair(swinir):
     """The same W4A4 quantization without and with quantized attention matmuls."""
-    options = {**NO_SEARCH, 'w_bits': 4, 'a_bits': 4}
+    options = {**CALIBRATION_ONLY, 'w_bits': 4, 'a_bits': 4}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures run before the autouse single_thread fixture
     try:
@@ -110,7 +110,7 @@ def test_one_quantizer_per_operand_calibrated(swinir, w4a4_pair):
 
 
 def test_w8a8_is_close_and_w4a4_attention_changes_the_output(swinir, w4a4_pair):
-    w8a8 = quantize(swinir, calib_batches(), {**NO_SEARCH, 'w_bits': 8, 'a_bits': 8, 'quantize_attention': True})
+    w8a8 = quantize(swinir, calib_batches(), {**CALIBRATION_ONLY, 'w_bits': 8, 'a_bits': 8, 'quantize_attention': True})
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     plain, with_attention = w4a4_pair
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_report_rows_and_backends(w4a4_pair):
 
 def test_export_round_trip_rebuilds_the_matmuls(swinir, w4a4_pair, tmp_path):
     _, qmodel = w4a4_pair
-    config = OAQConfig.from_dict({**NO_SEARCH, 'quantize_attention': True})
+    config = OAQConfig.from_dict({**CALIBRATION_ONLY, 'quantize_attention': True})
     path = save_quantized(qmodel, tmp_path / 'swinir.pth', config)
     assert len(read_quantized(path)['matmuls']) == 8
     loaded = load_quantized(path, model=swinir)
@@ -161,7 +161,7 @@ def test_export_round_trip_rebuilds_the_matmuls(swinir, w4a4_pair, tmp_path):
 
 
 def test_search_and_finetune_run_with_quantized_matmuls(swinir):
-    options = {**NO_SEARCH, 'quantize_attention': True,
+    options = {**CALIBRATION_ONLY, 'quantize_attention': True,
                'finetune': {'epochs': 3, 'iters_per_epoch': 1, 'batch_size': 1, 'patch_size': 16, 'tap_samples': 1}}
     config = OAQConfig.from_dict(options)
     qmodel = quantize(swinir, calib_batches(), config)
@@ -190,7 +190,7 @@ def test_exclude_leaves_an_attention_in_float_and_networks_without_attention_are
 
 
 def test_block_reconstruction_learns_the_attention_operand_quantizers(swinir):
-    options = {**NO_SEARCH, 'w_bits': 4, 'a_bits': 4, 'quantize_attention': True,
+    options = {**CALIBRATION_ONLY, 'w_bits': 4, 'a_bits': 4, 'quantize_attention': True,
                'reconstruction': {'enabled': True, 'iterations': 20, 'num_samples': 4, 'patch_size': 16,
                                   'batch_size': 2, 'max_layers': 4}}
     from oaq_plugin.pipeline.run import run_pipeline

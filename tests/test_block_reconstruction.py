@@ -187,3 +187,36 @@ def test_shared_arguments_and_keywords_are_captured_and_replayed():
         torch.testing.assert_close(outputs[0], model.block(model.head(samples), model.gate,
                                                            shift=0.1 * model.head(samples)))
     assert [block.name for block in result.reports['reconstruction'].blocks] == ['head', 'block', 'tail']
+
+
+class InPlacePartialConv(nn.Module):
+    """A partial convolution written into its input in eval mode (as RealPLKSR's, FasterNet's): the first
+    quarter of the channels is convolved and stored back into the tensor the conv read a view of."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.partial = nn.Conv2d(2, 2, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.tail = nn.Conv2d(8, 12, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x):
+        f = self.head(x)
+        f[:, :2] = self.partial(f[:, :2])
+        return self.shuffle(self.tail(torch.relu(self.mix(f)) + f))
+
+
+def test_a_network_writing_into_a_quantized_layers_input_reconstructs_and_finetunes():
+    torch.manual_seed(0)
+    model = InPlacePartialConv().eval()
+    images = tiny_images(count=4, size=16)
+    batches = PatchSource(images).batches(2, 2, 12, 0)
+    result = run_pipeline(model, PatchSource(images), {
+        'calib': {'num_batches': 2, 'batch_size': 2, 'patch_size': 12}, 'search': {'enabled': False},
+        'reconstruction': {**RECONSTRUCTION, 'iterations': 3},
+        'finetune': {'enabled': True, 'epochs': 1, 'iters_per_epoch': 2, 'batch_size': 1, 'patch_size': 12,
+                     'tap_samples': 1}})
+    assert {block.name for block in result.reports['reconstruction'].blocks} >= {'partial'}
+    with torch.no_grad():
+        assert torch.isfinite(result.model(batches[0])).all()

@@ -20,9 +20,9 @@ from oaq_plugin.quant import DualRegionQuantizer, QuantLayer, UniformQuantizer, 
 from oaq_plugin.quant.convert import set_mode
 from oaq_plugin.quant.region_grid import MIN_STEP
 
+from layer_cases import CALIBRATION_ONLY  # noqa: E402
 from tiny_sr import single_thread  # noqa: F401,E402 (autouse fixture)
 
-NO_SEARCH = {'search': {'enabled': False}}
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -88,7 +88,7 @@ def test_tiny_weights_on_huge_activations_quantize_at_8_bits():
     torch.manual_seed(0)
     model = SqueezeExcitationTail().eval()
     batches = [torch.rand(2, 3, 16, 16) for _ in range(2)]
-    qmodel = quantize(model, batches, {**NO_SEARCH, 'w_bits': 8, 'a_bits': 8, 'act_quantizer': 'minmax'})
+    qmodel = quantize(model, batches, {**CALIBRATION_ONLY, 'w_bits': 8, 'a_bits': 8, 'act_quantizer': 'minmax'})
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         reference = model.excite(model.head(x) * 1e6)
@@ -106,7 +106,7 @@ def test_tiny_and_zero_channels_survive_a_checkpoint_round_trip(tmp_path):
     model = SqueezeExcitationTail().eval()
     with torch.no_grad():
         model.excite.weight[3] = 0.0
-    config = OAQConfig.from_dict({**NO_SEARCH, 'w_bits': 8, 'a_bits': 8})
+    config = OAQConfig.from_dict({**CALIBRATION_ONLY, 'w_bits': 8, 'a_bits': 8})
     qmodel = quantize(model, [torch.rand(2, 3, 16, 16)], config)
     path = save_quantized(qmodel, tmp_path / 'tiny.pth', config)
     loaded = load_quantized(path, model=SqueezeExcitationTail())
@@ -317,7 +317,7 @@ def test_batchnorm_is_folded_exactly_and_reported():
 def test_folded_model_round_trips_through_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = ConvBatchNormNet().eval()
-    config = OAQConfig.from_dict({**NO_SEARCH, 'w_bits': 8, 'a_bits': 8})
+    config = OAQConfig.from_dict({**CALIBRATION_ONLY, 'w_bits': 8, 'a_bits': 8})
     qmodel = quantize(model, [torch.rand(2, 3, 10, 10)], config)
     path = save_quantized(qmodel, tmp_path / 'bn.pth', config)
     loaded = load_quantized(path, model=ConvBatchNormNet())
@@ -413,7 +413,7 @@ def test_generic_attention_matmuls_quantize_both_operands():
     assert plans['plain'].kind == 'attention_matmuls' and plans['plain'].matmuls == ['matmul', 'matmul']
     assert plans['fused'].matmuls == ['scaled_dot_product_attention']
     assert plans['channel'].matmuls == ['einsum', 'einsum'] and plans['channel'].a_bits == 4
-    qmodel = quantize(model, attention_batches(), {**NO_SEARCH, 'w_bits': 8, 'a_bits': 8})
+    qmodel = quantize(model, attention_batches(), {**CALIBRATION_ONLY, 'w_bits': 8, 'a_bits': 8})
     names = [name for name, _, _ in matmul_quantizers(qmodel)]
     assert names == ['plain.quant_matmul0.left', 'plain.quant_matmul0.right', 'plain.quant_matmul1.left',
                      'plain.quant_matmul1.right', 'fused.quant_sdpa0_qk.q', 'fused.quant_sdpa0_qk.k',
@@ -465,7 +465,7 @@ def test_float_ops_and_macs_by_bits_account_for_every_multiply_add():
 def test_generic_attention_round_trips_through_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = GenericAttentionSR().eval()
-    config = OAQConfig.from_dict(NO_SEARCH)
+    config = OAQConfig.from_dict(CALIBRATION_ONLY)
     qmodel = quantize(model, attention_batches(), config)
     path = save_quantized(qmodel, tmp_path / 'attention.pth', config)
     loaded = load_quantized(path, model=GenericAttentionSR())
@@ -480,7 +480,7 @@ def test_report_lists_float_ops_macs_and_folds(tmp_path):
     from oaq_plugin.pipeline.io.report import RunReport
     from oaq_plugin.pipeline.run import run_pipeline
     torch.manual_seed(0)
-    result = run_pipeline(ConvBatchNormNet().eval(), [torch.rand(2, 3, 10, 10)], OAQConfig.from_dict(NO_SEARCH))
+    result = run_pipeline(ConvBatchNormNet().eval(), [torch.rand(2, 3, 10, 10)], OAQConfig.from_dict(CALIBRATION_ONLY))
     RunReport(tmp_path / 'oaq_report.json', result).write()
     report = json.loads((tmp_path / 'oaq_report.json').read_text())
     assert report['batchnorm_folds'] == {'head.0': 'head.1', 'conv': 'bn', 'deconv': 'deconv_bn'}

@@ -10,7 +10,7 @@ from torch import nn
 from oaq_plugin import NumericalError, OAQConfig, OAQError, quantize
 from oaq_plugin.quant import DualRegionQuantizer, QuantLayer, UniformQuantizer, plan_layers
 
-NO_SEARCH = {'search': {'enabled': False}}
+from layer_cases import CALIBRATION_ONLY
 
 
 class TinySR(nn.Module):
@@ -59,7 +59,7 @@ def test_quantize_leaves_float_model_untouched_and_wraps_layers():
     torch.manual_seed(0)
     model = TinySR().eval()
     before = copy.deepcopy(model.state_dict())
-    qmodel = quantize(model, batches(), NO_SEARCH)
+    qmodel = quantize(model, batches(), CALIBRATION_ONLY)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
     assert all(not isinstance(m, QuantLayer) for m in model.modules())
@@ -67,13 +67,13 @@ def test_quantize_leaves_float_model_untouched_and_wraps_layers():
     assert len(duals) == 6
     x = batches(1, seed=3)[0]
     with torch.no_grad():
-        error_w8 = float((quantize(model, batches(), {**NO_SEARCH, 'w_bits': 8, 'a_bits': 8})(x) - model(x)).abs().mean())
+        error_w8 = float((quantize(model, batches(), {**CALIBRATION_ONLY, 'w_bits': 8, 'a_bits': 8})(x) - model(x)).abs().mean())
         error_w4 = float((qmodel(x) - model(x)).abs().mean())
     assert error_w8 < error_w4
 
 
 def test_uniform_baselines_use_uniform_quantizers():
-    qmodel = quantize(TinySR().eval(), batches(), {**NO_SEARCH, 'act_quantizer': 'percentile'})
+    qmodel = quantize(TinySR().eval(), batches(), {**CALIBRATION_ONLY, 'act_quantizer': 'percentile'})
     kinds = {type(m) for m in qmodel.modules() if isinstance(m, (DualRegionQuantizer, UniformQuantizer))}
     assert kinds == {UniformQuantizer}
 
@@ -83,12 +83,12 @@ def test_nan_in_calibration_names_the_layer():
     with torch.no_grad():
         model.body[0].weight[0, 0, 0, 0] = float('nan')
     with pytest.raises(NumericalError, match="'body.2'"):
-        quantize(model, batches(), NO_SEARCH)
+        quantize(model, batches(), CALIBRATION_ONLY)
 
 
 def test_model_that_cannot_run_is_refused_clearly():
     with pytest.raises(OAQError, match='example input'):
-        quantize(TinySR().eval(), [torch.rand(2, 5, 12, 12)], NO_SEARCH)
+        quantize(TinySR().eval(), [torch.rand(2, 5, 12, 12)], CALIBRATION_ONLY)
 
 
 def test_basicsr_edsr_roles():
@@ -107,7 +107,7 @@ def test_small_random_swinir_quantizes_linear_layers():
     torch.manual_seed(0)
     model = SwinIR(upscale=2, in_chans=3, img_size=16, window_size=4, img_range=1.0, depths=[2], embed_dim=12,
                    num_heads=[2], mlp_ratio=2, upsampler='pixelshuffle', resi_connection='1conv').eval()
-    qmodel = quantize(model, [torch.rand(2, 3, 16, 16)], NO_SEARCH)
+    qmodel = quantize(model, [torch.rand(2, 3, 16, 16)], CALIBRATION_ONLY)
     plans = {p.name: p for p in qmodel.oaq_plans}
     assert plans['conv_first'].role == 'first' and plans['conv_last'].role == 'last'
     assert plans['upsample.0'].role == 'upsampler'

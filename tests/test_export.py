@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from layer_cases import NO_SEARCH, TinySR, quantized_tiny_sr, single_thread, tiny_sr_config  # noqa: F401
+from layer_cases import CALIBRATION_ONLY, TinySR, quantized_tiny_sr, single_thread, tiny_sr_config  # noqa: F401
 from oaq_plugin import DataError, OAQConfig, OAQError, quantize
 from oaq_plugin.backends.select import to_backend
 from oaq_plugin.pipeline.io import export
@@ -62,13 +62,56 @@ def test_round_trip_is_bit_exact_on_every_backend(tmp_path):
     to_backend(qmodel, 'fake')
 
 
+class FoldsItsBranches(nn.Module):
+    """A re-parameterized conv in eval mode, as SPAN's: every forward rewrites the conv's weight from its
+    branches (here two), then runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch_a = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2)
+        self.branch_b = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.1)
+        self.folded = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.tail = nn.Conv2d(8, 12, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.folded.weight.copy_(self.branch_a + self.branch_b)
+        return self.shuffle(self.tail(torch.relu(self.body(torch.relu(self.folded(x))))))
+
+
+@pytest.mark.parametrize('learned', [False, True])
+def test_learned_rounding_survives_the_round_trip_of_a_layer_that_rewrites_its_weight(tmp_path, learned):
+    torch.manual_seed(0)
+    model = FoldsItsBranches().eval()
+    batches = [torch.rand(2, 3, 12, 12) for _ in range(2)]
+    config = OAQConfig.from_dict({**CALIBRATION_ONLY, 'w_bits': 4, 'a_bits': 8})
+    qmodel = quantize(model, batches, config, progress=False)
+    x = torch.rand(1, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        qmodel(x)  # the folded weight is in place
+    if learned:
+        # Every weight of every layer rounds the other way from nearest, as a learned rounding may choose.
+        for layer in (qmodel.folded, qmodel.body, qmodel.tail):
+            quantizer = layer.weight_quantizer
+            position = quantizer.grid_position(layer.weight.detach(), quantizer.clip.detach())
+            quantizer.set_rounding((position - position.floor() < 0.5).to(torch.uint8))
+    path = save_quantized(qmodel, tmp_path / 'folded.pth', config)
+    assert (read_quantized(path)['layers']['folded']['rounding'] is not None) == learned
+    loaded = load_quantized(path, model=FoldsItsBranches().eval())
+    before, after = outputs(qmodel, x), outputs(loaded, x)
+    for backend in before:
+        assert torch.equal(before[backend], after[backend]), backend
+
+
 @pytest.mark.parametrize('options', [
     {'w_bits': 3, 'a_bits': 5, 'weight_granularity': 'tensor', 'weight_grid': 'zero', 'levels': 'pwlq'},
     {'w_bits': 6, 'a_bits': 2, 'act_quantizer': 'minmax', 'protocol': 'float_ends'},
 ])
 def test_round_trip_other_widths_and_grids(tmp_path, options):
     model = compact_sr(feat=8, num_conv=2, upscale=2)
-    config = OAQConfig.from_dict({**NO_SEARCH, **options})
+    config = OAQConfig.from_dict({**CALIBRATION_ONLY, **options})
     qmodel = quantize(model, [torch.rand(1, 3, 6, 6)], config)
     with torch.no_grad():
         model[2].weight[0].zero_()  # an all-zero channel: its clip collapses to the minimum step
@@ -83,7 +126,7 @@ def test_round_trip_other_widths_and_grids(tmp_path, options):
 
 def test_w4_file_is_small(tmp_path):
     model = compact_sr()
-    config = OAQConfig.from_dict({**NO_SEARCH, 'w_bits': 4, 'a_bits': 4})
+    config = OAQConfig.from_dict({**CALIBRATION_ONLY, 'w_bits': 4, 'a_bits': 4})
     qmodel = convert(model, config, torch.rand(1, 3, 8, 8))
     path = save_quantized(qmodel, tmp_path / 'w4.pth', config)
     torch.save(model.state_dict(), tmp_path / 'fp32.pth')
@@ -185,7 +228,7 @@ def test_real_checkpoint_sizes_and_round_trip(shared, tmp_path):
     arch = dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=16, upscale=4, act_type='prelu')
     model = SRVGGNetCompact(**arch).eval()
     model.load_state_dict(torch.load(checkpoint, map_location='cpu', weights_only=True)['params'])
-    config = OAQConfig.from_dict({**NO_SEARCH, 'w_bits': 4, 'a_bits': 4})
+    config = OAQConfig.from_dict({**CALIBRATION_ONLY, 'w_bits': 4, 'a_bits': 4})
     qmodel = convert(model, config, torch.rand(1, 3, 8, 8))
     path = save_quantized(qmodel, tmp_path / 'srvgg_w4.pth', config, arch={'type': 'SRVGGNetCompact', **arch})
     assert os.path.getsize(path) < 0.3 * os.path.getsize(checkpoint)

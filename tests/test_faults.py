@@ -157,6 +157,8 @@ def test_fuzzed_options_run_or_fail_clearly(options):
     s.grid_size, s.refine_rounds, s.num_samples = min(s.grid_size, 3), min(s.refine_rounds, 1), min(s.num_samples, 2)
     f.epochs, f.iters_per_epoch, f.batch_size, f.patch_size = min(f.epochs, 3), min(f.iters_per_epoch, 2), 1, 16
     f.tap_samples = min(f.tap_samples, 2)
+    r = config.reconstruction
+    r.iterations, r.num_samples, r.patch_size, r.batch_size = min(r.iterations, 3), min(r.num_samples, 2), 8, 1
     torch.manual_seed(0)
     batches = [torch.rand(2, 3, 16, 16) for _ in range(2)]
     try:

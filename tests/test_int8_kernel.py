@@ -338,13 +338,13 @@ def test_grids_of_the_integer_lattice_option_run_int8():
     """A model quantized with ``integer_lattice`` runs its lattice layers on int8 and matches the reference."""
     import dataclasses
 
-    from layer_cases import NO_SEARCH, TinySR
+    from layer_cases import CALIBRATION_ONLY, TinySR
     from oaq_plugin import OAQConfig, quantize
     if 'integer_lattice' not in {f.name for f in dataclasses.fields(OAQConfig)}:
         pytest.skip('this checkout has no integer_lattice option')
     torch.manual_seed(0)
     calibration = [torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    config = OAQConfig.from_dict({**NO_SEARCH, 'w_bits': 4, 'a_bits': 4, 'integer_lattice': True})
+    config = OAQConfig.from_dict({**CALIBRATION_ONLY, 'w_bits': 4, 'a_bits': 4, 'integer_lattice': True})
     qmodel = quantize(TinySR().eval(), calibration, config, progress=False)
     to_backend(qmodel, 'triton_int8')
     summary = backend_summary(qmodel)

@@ -8,6 +8,7 @@ import torch
 
 from oaq_plugin import ConfigError, OAQConfig
 from oaq_plugin.quant import ActivationObserver, histogram_quantile
+from oaq_plugin.quant.observer import STATISTICS_VALUES, all_finite, statistics_stride
 
 
 def test_histogram_quantile_matches_exact_quantile():
@@ -19,6 +20,44 @@ def test_histogram_quantile_matches_exact_quantile():
         approx = histogram_quantile(x, q)
         width = float(x.max() - x.min()) / 4096
         assert abs(exact - approx) < 0.2 + 2 * width, (q, exact, approx)
+
+
+@pytest.mark.parametrize('large', [False, True])
+def test_batch_record_matches_exact_statistics(large):
+    # A skewed batch with a long positive tail, like a layer input after an activation; the large one is
+    # read through the strided subset, the small one whole.
+    generator = torch.Generator().manual_seed(1)
+    shape = (4, 32, 96, 96) if large else (2, 8, 24, 24)
+    x = torch.randn(shape, generator=generator).mul(0.4).sub(0.3)
+    x = torch.where(x > 0, x * 6, x)
+    assert (x.numel() > STATISTICS_VALUES) == large
+    observer = ActivationObserver(percentile=99.0)
+    observer.observe(x)
+    record = observer.records[0]
+    flat = x.reshape(-1)[::3] if large else x.reshape(-1)
+    exact_low, exact_high = (float(v) for v in torch.quantile(flat, torch.tensor([0.01, 0.99])))
+    exact_abs = float(torch.quantile(flat.abs(), 0.99))
+    tolerance = 0.01 * float(x.max() - x.min())
+    assert record.minimum == float(x.min()) and record.maximum == float(x.max())
+    assert abs(record.quantile_low - exact_low) < tolerance
+    assert abs(record.quantile_high - exact_high) < tolerance
+    assert abs(record.quantile_abs - exact_abs) < tolerance
+    exact_std = float(x.reshape(shape[0], -1).std(dim=1, unbiased=False).sum())
+    assert abs(record.std_sum - exact_std) < 0.01 * exact_std
+
+
+def test_statistics_stride_is_a_prime_above_the_budget():
+    assert statistics_stride(STATISTICS_VALUES) == 1
+    stride = statistics_stride(9 * STATISTICS_VALUES + 1)
+    assert stride >= 10 and all(stride % d for d in range(2, stride))
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_all_finite_sees_one_bad_value(bad):
+    x = torch.zeros(3, 5, 7)
+    assert all_finite(x) and all_finite(torch.empty(0))
+    x[2, 4, 6] = bad
+    assert not all_finite(x)
 
 
 def test_ema_first_batch_sets_then_smooths():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oaq_plugin import OAQOptions
+from oaq_plugin import OAQConfig, OAQOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / 'options').glob('*.yml')) + sorted((ROOT / 'options' / 'zoo').glob('*.yml'))
@@ -34,3 +34,24 @@ def test_option_file_is_complete_and_valid(path):
     assert config.calib.dataroot_lq and 'Set5' not in config.calib.dataroot_lq and 'Set14' not in config.calib.dataroot_lq
     for metric in options['val']['metrics'].values():
         assert metric['test_y_channel'] is True and metric['crop_border'] == options['scale']
+
+
+# Keys a shipped file may set apart from its preset: where its data is, and SwinIR's attention switch.
+FILE_OWN_KEYS = {'calib', 'quantize_attention'}
+
+
+@pytest.mark.parametrize('path', FILES, ids=lambda p: p.name)
+def test_option_file_states_its_preset_and_holds_its_values(path):
+    text = path.read_text()
+    options = yaml.load(text, Loader=yaml.UnsafeLoader)
+    preset = options['oaq']['preset']
+    assert f'preset {preset}' in text.splitlines()[1], 'the title line names the preset'
+    written = OAQOptions.from_dict(options['oaq']).method.to_dict()
+    expected = OAQConfig.from_dict({'preset': preset}).to_dict()
+    differing = {key for key in expected if written[key] != expected[key]}
+    assert differing <= FILE_OWN_KEYS, f'{path.name} departs from preset {preset!r} in {sorted(differing)}'
+
+
+def test_a_paper_preset_file_ships():
+    presets = {yaml.load(path.read_text(), Loader=yaml.UnsafeLoader)['oaq']['preset'] for path in FILES}
+    assert presets == {'default', 'paper'}

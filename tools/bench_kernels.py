@@ -187,7 +187,8 @@ def quantized_conv(conv, calibration, w_bits: int, a_bits: int):
     """``conv`` as a calibrated quantized layer at ``w_bits``/``a_bits`` (dual-region, paper levels)."""
     import torch
     from oaq_plugin import OAQConfig, quantize
-    config = OAQConfig.from_dict({'search': {'enabled': False}, 'layer_bits': {'*': [w_bits, a_bits]}})
+    config = OAQConfig.from_dict({'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+                                  'layer_bits': {'*': [w_bits, a_bits]}})
     return quantize(torch.nn.Sequential(conv), [calibration], config, progress=False)[0]
 
 
@@ -577,7 +578,7 @@ def bench_network(settings: dict, sizes: Dict[str, tuple], variants: List[str], 
     calibration = [torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(i)).to(device) for i in range(2)]
     quantized = {}
     for variant in variants:
-        options = {'search': {'enabled': False}, **E2E_VARIANTS[variant]}
+        options = {'search': {'enabled': False}, 'reconstruction': {'enabled': False}, **E2E_VARIANTS[variant]}
         options = lattice_config(options) if int8 else options
         qmodel = quantize(model, calibration, OAQConfig.from_dict(options), progress=False)
         snapped = snap_to_lattice(qmodel) if int8 else None
@@ -881,7 +882,7 @@ def run_sizes(args: argparse.Namespace) -> int:
     }
     # Sizes do not depend on calibrated values, so the converted (uncalibrated) model is saved directly.
     for (label, options), file_name in zip(variants.items(), ('w8a8', 'w4a4_full', 'w4a4_all')):
-        config = OAQConfig.from_dict({'search': {'enabled': False}, **options})
+        config = OAQConfig.from_dict({'search': {'enabled': False}, 'reconstruction': {'enabled': False}, **options})
         qmodel = convert(model, config, torch.rand(1, 3, 8, 8))
         path = save_quantized(qmodel, out / f'srvgg_{file_name}.pth', config,
                               arch={'type': 'SRVGGNetCompact', **arch})

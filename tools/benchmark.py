@@ -32,34 +32,47 @@ TEST_SETS = ('Set5', 'Set14')
 
 _FT = {'enabled': True}
 _NO_SEARCH = {'enabled': False}
-# (rung key, label, oaq overrides). Fully-quantized protocol and paper level allocation throughout
-# (the defaults); the finetuning length comes from --ft-iters.
+_NO_RECON = {'enabled': False}
+_RECON = {'enabled': True}
+# (rung key, label, oaq overrides). Fully-quantized protocol and paper level allocation throughout; every rung
+# but ``default``, ``default_w8a8`` and ``paper`` names its stages, so that a change of the default recipe does
+# not change what a labelled rung runs. The finetuning length comes from --ft-iters.
 RUNGS = {
-    'minmax': ('W4A4 MinMax', {'act_quantizer': 'minmax', 'search': _NO_SEARCH}),
-    'percentile': ('W4A4 Percentile', {'act_quantizer': 'percentile', 'search': _NO_SEARCH}),
-    'mse': ('W4A4 MSE', {'act_quantizer': 'mse', 'search': _NO_SEARCH}),
-    'mse_ft': ('W4A4 MSE + vanilla FT', {'act_quantizer': 'mse', 'search': _NO_SEARCH,
+    'default': ('W4A4 default recipe', {}),
+    'default_w8a8': ('W8A8 default recipe', {'w_bits': 8, 'a_bits': 8}),
+    'paper': ('W4A4 paper preset (dual-region + SAFT, per-tensor weights)', {'preset': 'paper'}),
+    'minmax': ('W4A4 MinMax', {'act_quantizer': 'minmax', 'search': _NO_SEARCH, 'reconstruction': _NO_RECON}),
+    'percentile': ('W4A4 Percentile', {'act_quantizer': 'percentile', 'search': _NO_SEARCH,
+                                       'reconstruction': _NO_RECON}),
+    'mse': ('W4A4 MSE', {'act_quantizer': 'mse', 'search': _NO_SEARCH, 'reconstruction': _NO_RECON}),
+    'mse_ft': ('W4A4 MSE + vanilla FT', {'act_quantizer': 'mse', 'search': _NO_SEARCH, 'reconstruction': _NO_RECON,
                                          'finetune': {**_FT, 'mode': 'vanilla'}}),
-    'dual': ('W4A4 dual-region', {'search': _NO_SEARCH}),
-    'dual_search': ('W4A4 dual-region + search', {}),
-    'dual_search_vft': ('W4A4 dual-region + search + vanilla FT', {'finetune': {**_FT, 'mode': 'vanilla'}}),
-    'full': ('W4A4 full method (dual-region + search + SAFT)', {'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'dual': ('W4A4 dual-region', {'search': _NO_SEARCH, 'reconstruction': _NO_RECON}),
+    'dual_search': ('W4A4 dual-region + search', {'reconstruction': _NO_RECON}),
+    'dual_search_vft': ('W4A4 dual-region + search + vanilla FT', {'reconstruction': _NO_RECON,
+                                                                   'finetune': {**_FT, 'mode': 'vanilla'}}),
+    'full': ('W4A4 full method (dual-region + search + SAFT)', {'reconstruction': _NO_RECON,
+                                                                'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'dual_search_rounding': ('W4A4 dual-region + search + learned rounding (beyond the paper)',
-                             {'rounding': {'enabled': True}}),
+                             {'rounding': {'enabled': True}, 'reconstruction': _NO_RECON}),
     'full_rounding': ('W4A4 full method + learned rounding (beyond the paper)',
-                      {'rounding': {'enabled': True}, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
+                      {'rounding': {'enabled': True}, 'reconstruction': _NO_RECON,
+                       'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_rounding_zero': ('W4A4 full method + learned rounding + zero-level weight grid (beyond the paper)',
-                           {'weight_grid': 'zero', 'rounding': {'enabled': True},
+                           {'weight_grid': 'zero', 'rounding': {'enabled': True}, 'reconstruction': _NO_RECON,
                             'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'dual_search_recon': ('W4A4 dual-region + search + block reconstruction (beyond the paper)',
-                          {'reconstruction': {'enabled': True}}),
+                          {'reconstruction': _RECON, 'finetune': {'enabled': False}}),
     'full_recon': ('W4A4 full method + block reconstruction (beyond the paper)',
-                   {'reconstruction': {'enabled': True}, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
-    'full_w8a8': ('W8A8 full method', {'w_bits': 8, 'a_bits': 8, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
-    'full_w6a6': ('W6A6 full method', {'w_bits': 6, 'a_bits': 6, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
-    'full_w3a3': ('W3A3 full method', {'w_bits': 3, 'a_bits': 3, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
+                   {'reconstruction': _RECON, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'full_w8a8': ('W8A8 full method', {'w_bits': 8, 'a_bits': 8, 'reconstruction': _NO_RECON,
+                                       'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'full_w6a6': ('W6A6 full method', {'w_bits': 6, 'a_bits': 6, 'reconstruction': _NO_RECON,
+                                       'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'full_w3a3': ('W3A3 full method', {'w_bits': 3, 'a_bits': 3, 'reconstruction': _NO_RECON,
+                                       'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_pwlq': ('W4A5 full method, pwlq levels (4-bit weights, 2^5 activation codes)',
-                  {'levels': 'pwlq', 'finetune': {**_FT, 'mode': 'sensitivity'}}),
+                  {'levels': 'pwlq', 'reconstruction': _NO_RECON, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
 }
 
 
@@ -84,6 +97,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def rung_config(rung: str, args: argparse.Namespace) -> dict:
     """The oaq option dict of a rung, finetuning lengths filled in from the command line."""
     overrides = json.loads(json.dumps(RUNGS[rung][1]))
+    if overrides.get('preset') == 'paper':
+        overrides['finetune'] = {}  # the preset's finetuning, at the length the command line gives
     finetune = overrides.get('finetune')
     if finetune is not None:
         epochs = max(1, min(args.ft_epochs, args.ft_iters))

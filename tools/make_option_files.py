@@ -1,7 +1,9 @@
 """Write the shipped BasicSR option files (``options/*.yml`` and ``options/zoo/*.yml``) from one place.
 
-The ``oaq:`` section of every file is ``OAQOptions``' defaults (the method's and the run's) plus the overrides
-below, written out in full so that BasicSR's ``--force_yml oaq:finetune:enabled=false`` style overrides reach every key.
+The ``oaq:`` section of every file names its preset (``preset: default`` or ``preset: paper``) and holds that
+preset's values with the run's defaults plus the overrides below, written out in full so that BasicSR's
+``--force_yml oaq:finetune:enabled=false`` style overrides reach every key. The title line of each file says
+which preset it uses.
 Run from the repository root: ``python tools/make_option_files.py`` (``--check`` only compares).
 """
 from __future__ import annotations
@@ -18,6 +20,11 @@ from oaq_plugin.config import OAQOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = '../shared'
+# How each file's title line names its preset (oaq_plugin.config.PRESETS).
+PRESET_TITLES = {
+    'default': 'preset default (the recommended recipe; the values below are its values, written out)',
+    'paper': "preset paper (the paper's pipeline exactly; the values below are its values, written out)",
+}
 REGISTER_LINE = 'oaq_register: !!python/name:oaq_plugin.register  # registers the plugin while BasicSR parses this file'
 
 
@@ -28,8 +35,9 @@ def metrics(scale: int) -> Dict[str, Any]:
     }
 
 
-def oaq_section(calib_root: str, **overrides: Any) -> Dict[str, Any]:
-    options = OAQOptions().to_dict()
+def oaq_section(calib_root: str, preset: str = 'default', **overrides: Any) -> Dict[str, Any]:
+    """The ``oaq:`` section: ``preset``'s values (and the run's defaults) with ``overrides``, in full."""
+    options = OAQOptions.from_dict({'preset': preset}).to_dict()
     options['calib']['dataroot_lq'] = calib_root
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -81,6 +89,12 @@ def main_files() -> Dict[str, Dict[str, Any]]:
              'res_scale': 1, 'img_range': 255.0, 'rgb_mean': [0.4488, 0.4371, 0.4040]},
             'experiments/pretrained_models/EDSR_Mx4_f64b16_DIV2K_official-0c287733.pth', 'params',
             oaq_section(div2k, calib={'num_images': 100})),
+        'oaq_edsr_x4_paper.yml': document(
+            'OAQ_EDSR_Mx4_W4A4_paper', 'OAQModel', 4, basicsr_sets(4),
+            {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 64, 'num_block': 16, 'upscale': 4,
+             'res_scale': 1, 'img_range': 255.0, 'rgb_mean': [0.4488, 0.4371, 0.4040]},
+            'experiments/pretrained_models/EDSR_Mx4_f64b16_DIV2K_official-0c287733.pth', 'params',
+            oaq_section(div2k, preset='paper', calib={'num_images': 100})),
         'oaq_rrdb_x4.yml': document(
             'OAQ_RRDBNet_PSNR_x4_W4A4', 'OAQModel', 4, basicsr_sets(4),
             {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 64, 'num_block': 23,
@@ -106,7 +120,7 @@ def zoo_file(entry: ZooEntry) -> Dict[str, Any]:
     return document(
         f'OAQ_zoo_{entry.key}_W4A4', 'OAQModel', entry.scale, shared_sets(entry.scale),
         dict(entry.network_options()), f'{SHARED}/{entry.weight_path}', entry.param_key,
-        oaq_section(f'{SHARED}/data/calib/SunHays80/LR_bicubic/X{entry.scale}', finetune={'enabled': True}))
+        oaq_section(f'{SHARED}/data/calib/SunHays80/LR_bicubic/X{entry.scale}'))
 
 
 def render(options: Dict[str, Any], title: str) -> str:
@@ -119,11 +133,11 @@ def all_files() -> Dict[Path, str]:
     files = {}
     for name, options in main_files().items():
         files[ROOT / 'options' / name] = render(options, f'{options["network_g"]["type"]} x{options["scale"]}: '
-                                                'W4A4 dual-region, paper levels, fully-quantized protocol')
+                                                f'W4A4, {PRESET_TITLES[options["oaq"]["preset"]]}')
     for entry in ZOO.values():
+        options = zoo_file(entry)
         files[ROOT / 'options' / 'zoo' / f'{entry.key}.yml'] = render(
-            zoo_file(entry), f'{entry.key}: the full method (W4A4 dual-region, paper levels, fully-quantized, '
-            'finetuning on), calibrated on SunHays80')
+            options, f'{entry.key}: W4A4, {PRESET_TITLES[options["oaq"]["preset"]]}; calibrated on SunHays80')
     return files
 
 

@@ -74,6 +74,10 @@ class ActivationQuantizer(nn.Module):
         return self.grid().num_codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x._is_view():
+            # The backward keeps the input; a network that later writes into the tensor this view belongs
+            # to (in-place partial convolutions, eval-mode channel splits) would invalidate it.
+            x = x.clone()
         if self.fast:
             return fast_quantize(self.grid(), x)
         return self.grid().quantize(x)

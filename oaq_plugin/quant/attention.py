@@ -23,6 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import NumericalError, UnsupportedLayerError
+from .observer import all_finite
 from .activation import ActivationQuantizer
 from .layers import MODES
 
@@ -70,7 +71,7 @@ class QuantMatmul(nn.Module):
         """``op(left, right)`` (``left @ right`` by default) on the operands, quantized in ``quant`` mode."""
         if self.mode == 'observe':
             for (operand, quantizer), value in zip(self.quantizers(), (left, right)):
-                if not torch.isfinite(value).all():
+                if not all_finite(value):
                     raise NumericalError(f"non-finite values (NaN/Inf) in operand '{operand}' of matmul "
                                          f"'{self.layer_name}' during calibration; check the input range and "
                                          'the checkpoint')

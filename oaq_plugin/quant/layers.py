@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import NumericalError
 from .activation import ActivationQuantizer
+from .observer import all_finite
 from .weight import WeightQuantizer
 
 MODES = ('observe', 'quant', 'float')
@@ -72,7 +73,7 @@ class QuantLayer(nn.Module):
         if self.mode == 'float':
             return self.float_op(x, self.weight)
         if self.mode == 'observe':
-            if not torch.isfinite(x).all():
+            if not all_finite(x):
                 raise NumericalError(f"non-finite values (NaN/Inf) in the input of layer '{self.layer_name}' "
                                      'during calibration; check the input range and the checkpoint')
             self.act_quantizer.observe(x, self.batch_index)

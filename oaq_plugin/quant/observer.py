@@ -1,7 +1,10 @@
 """Calibration statistics of one layer input, in bounded memory and mergeable across processes.
 
 Each calibration batch leaves a small record (min, max, percentiles from a histogram, the sum of
-per-sample standard deviations) and a fixed-size random sample of its values. The EMA across batches
+per-sample standard deviations) and a fixed-size random sample of its values. Min and max are exact; on a
+batch of more than :data:`STATISTICS_VALUES` values the percentiles and standard deviations are read from an
+evenly strided subset of about that many values (a prime stride, so it does not follow the rows or the
+channels), which keeps calibration near the cost of a float forward pass. The EMA across batches
 (docs/METHOD.md, Calibration statistics) is applied only when the statistics are read, in global batch
 order, so records gathered from several processes give exactly what one process would have computed.
 """
@@ -17,6 +20,8 @@ from .seeding import seeded_generator
 
 HISTOGRAM_BINS = 4096
 KEPT_SAMPLE_BATCHES = 8
+# Above this many values per batch the quantiles and standard deviations come from a strided subset.
+STATISTICS_VALUES = 1 << 20
 
 
 @dataclass
@@ -46,6 +51,73 @@ class ObservedStats:
     num_batches: int
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether ``values`` holds no NaN or infinity (one min/max pass: both propagate a NaN)."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values.detach())
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def _prime_at_least(n: int) -> int:
+    candidate = max(2, n)
+    while any(candidate % d == 0 for d in range(2, int(candidate ** 0.5) + 1)):
+        candidate += 1
+    return candidate
+
+
+def statistics_stride(count: int, budget: int = STATISTICS_VALUES) -> int:
+    """The stride of the subset statistics are read from: 1 up to ``budget`` values, else a prime near
+    ``count / budget``."""
+    return 1 if count <= budget else _prime_at_least(-(-count // budget))
+
+
+class _Histogram:
+    """A histogram of ``values`` on ``[low, high]``, with its CDF interpolated linearly inside each bin."""
+
+    def __init__(self, values: torch.Tensor, low: float, high: float, bins: int) -> None:
+        self.low, self.high, self.bins = low, high, bins
+        counts = torch.histc(values, bins=bins, min=low, max=high).double().cpu()
+        self.total = float(counts.sum())
+        self.counts = counts
+        self.cdf = torch.cumsum(counts, 0)
+        self.width = (high - low) / bins
+
+    def quantile(self, q: float) -> float:
+        """The value below which a fraction ``q`` of the values lie."""
+        target = q * self.total
+        position = int(torch.searchsorted(self.cdf, torch.tensor([target], dtype=self.cdf.dtype))
+                       .clamp(max=self.bins - 1))
+        before = float(self.cdf[position - 1]) if position > 0 else 0.0
+        inside = float(self.counts[position])
+        fraction = 0.0 if inside <= 0 else min(max((target - before) / inside, 0.0), 1.0)
+        return self.low + (position + fraction) * self.width
+
+    def below(self, value: float) -> float:
+        """How many values lie below ``value`` (the interpolated CDF)."""
+        if value <= self.low:
+            return 0.0
+        if value >= self.high:
+            return self.total
+        offset = (value - self.low) / self.width
+        position = min(int(offset), self.bins - 1)
+        before = float(self.cdf[position - 1]) if position > 0 else 0.0
+        return before + (offset - position) * float(self.counts[position])
+
+    def abs_quantile(self, q: float, steps: int = 60) -> float:
+        """The ``q``-quantile of the magnitudes, from the same histogram: the ``t >= 0`` at which the
+        interpolated ``CDF(t) - CDF(-t)`` reaches ``q`` of the values (bisection; exact to a bin width)."""
+        target = q * self.total
+        lo, hi = 0.0, max(abs(self.low), abs(self.high))
+        for _ in range(steps):
+            middle = 0.5 * (lo + hi)
+            if self.below(middle) - self.below(-middle) < target:
+                lo = middle
+            else:
+                hi = middle
+        return hi
+
+
 def histogram_quantiles(values: torch.Tensor, qs: Sequence[float], bins: int = HISTOGRAM_BINS) -> List[float]:
     """The ``q``-quantiles (0..1) of ``values`` for each ``q`` of ``qs``, from one histogram, each
     interpolated inside its bin.
@@ -53,22 +125,11 @@ def histogram_quantiles(values: torch.Tensor, qs: Sequence[float], bins: int = H
     Memory is O(bins) beyond the input; exact up to a fraction of one bin width.
     """
     flat = values.detach().reshape(-1).float()
-    low, high = float(flat.min()), float(flat.max())
+    low, high = (float(v) for v in torch.aminmax(flat))
     if high <= low:
         return [low for _ in qs]
-    hist = torch.histc(flat, bins=bins, min=low, max=high).double()
-    cdf = torch.cumsum(hist, 0)
-    width = (high - low) / bins
-    results = []
-    for q in qs:
-        target = q * float(cdf[-1])
-        target_tensor = torch.tensor([target], dtype=cdf.dtype, device=cdf.device)
-        position = int(torch.searchsorted(cdf, target_tensor).clamp(max=bins - 1))
-        before = float(cdf[position - 1]) if position > 0 else 0.0
-        inside = float(hist[position])
-        fraction = 0.0 if inside <= 0 else min(max((target - before) / inside, 0.0), 1.0)
-        results.append(low + (position + fraction) * width)
-    return results
+    histogram = _Histogram(flat, low, high, bins)
+    return [histogram.quantile(q) for q in qs]
 
 
 def histogram_quantile(values: torch.Tensor, q: float, bins: int = HISTOGRAM_BINS) -> float:
@@ -102,19 +163,28 @@ class ActivationObserver:
         x = x.detach().float()
         q = self.percentile / 100.0
         per_sample = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
-        if per_sample.shape[1] > 1:
-            std = per_sample.std(dim=1, unbiased=False)
+        low, high = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
+        subset = per_sample[:, ::statistics_stride(per_sample.numel())]
+        if subset.shape[1] > 1:
+            std = subset.std(dim=1, unbiased=False)
         else:
             std = torch.zeros(per_sample.shape[0], device=x.device)
-        # Both signed quantiles come from one histogram.
-        quantile_low, quantile_high = histogram_quantiles(x, [1.0 - q, q])
+        if high > low:
+            # The signed quantiles and the magnitude quantile all come from one histogram of the subset
+            # (which the exact min and max bound).
+            histogram = _Histogram(subset.reshape(-1), low, high, HISTOGRAM_BINS)
+            quantile_low, quantile_high = histogram.quantile(1.0 - q), histogram.quantile(q)
+            quantile_abs = histogram.abs_quantile(q)
+        else:
+            quantile_low = quantile_high = low
+            quantile_abs = abs(low)
         self.records.append(BatchStats(
             index=index,
-            minimum=float(x.min()),
-            maximum=float(x.max()),
+            minimum=low,
+            maximum=high,
             quantile_low=quantile_low,
             quantile_high=quantile_high,
-            quantile_abs=histogram_quantile(x.abs(), q),
+            quantile_abs=quantile_abs,
             std_sum=float(std.sum()),
             num_samples=int(per_sample.shape[0]),
         ))

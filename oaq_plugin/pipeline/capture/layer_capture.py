@@ -16,6 +16,7 @@ from ...errors import NumericalError
 from ...quant.convert import modes_restored, set_mode
 from ...quant.forward_hooks import forward_hooks
 from ...quant.layers import QuantLayer, quant_layers
+from ...quant.observer import all_finite
 from ...quant.seeding import seeded_generator
 
 
@@ -93,7 +94,7 @@ def capture_windows(qmodel: nn.Module, inputs: torch.Tensor, names: Sequence[str
 
     def capture(name: str, module: QuantLayer, args) -> None:
         x = args[0].detach()
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise NumericalError(f"non-finite values (NaN/Inf) in the input of layer '{name}' during the "
                                  'search; check the calibration inputs and the quantizer parameters')
         if pending.get(name, 0) > 0:

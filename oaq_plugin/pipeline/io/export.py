@@ -1,8 +1,8 @@
 """Low-bit checkpoints: quantized weights stored as packed integers, restored without pickled modules.
 
 A file holds plain data only (tensors, numbers, strings, lists, dicts), so it loads with
-``torch.load(weights_only=True)``: the packed weight codes of every quantized layer with the state of its
-quantizers and its bias, the layer plans, the config, the float tensors of the rest of the model (the
+``torch.load(weights_only=True)``: the packed weight codes of every quantized layer (and its learned rounding
+flags, one bit per weight, where it has them) with the state of its quantizers and its bias, the layer plans, the config, the float tensors of the rest of the model (the
 operand quantizers of attention matmuls included), an optional architecture description, and a sha256
 digest of all of it that is checked on load.
 """
@@ -29,7 +29,9 @@ from ...quant.region_grid import MIN_STEP
 FORMAT = 'oaq_plugin.quantized'
 FORMAT_VERSION = 1
 WEIGHT_KEY = 'module.weight'
-# A learned rounding is already in the stored codes; the loaded weight reproduces them by nearest rounding.
+# A learned rounding is stored apart from the state, packed one bit per weight (``rounding`` of a layer's entry):
+# a network that rewrites a layer's weight in its forward (re-parameterized convolutions that fold their
+# branches at every call) quantizes the rewritten float weight with these flags, not the loaded one.
 ROUNDING_KEY = 'weight_quantizer.rounding'
 
 PathLike = Union[str, os.PathLike]
@@ -143,6 +145,8 @@ def _layer_entry(layer: QuantLayer) -> Dict[str, Any]:
         'weight_shape': list(layer.weight.shape),
         'weight_dtype': str(layer.weight.dtype).replace('torch.', ''),
         'codes': pack_codes(codes, bits),
+        'rounding': (pack_codes(layer.weight_quantizer.rounding, 1)
+                     if layer.weight_quantizer.rounding is not None else None),
         'step': step.detach().float().cpu(),
         'zero_point': float(zero_point),
         'state': state,
@@ -281,16 +285,22 @@ def read_quantized(path: PathLike) -> Dict[str, Any]:
     return read_verified(path, 'quantized checkpoint', FORMAT, FORMAT_VERSION)
 
 
-def _loaded_weight(layer: QuantLayer, codes: torch.Tensor) -> torch.Tensor:
-    """A float weight whose codes under the layer's (loaded) clip are exactly ``codes``.
+def _loaded_weight(layer: QuantLayer, codes: torch.Tensor, rounding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A float weight whose codes under the layer's (loaded) clip, and its learned ``rounding`` if any, are
+    exactly ``codes``.
 
-    ``code * step - clip`` is the value the weight quantizer maps to ``code`` before rounding, so it
-    reproduces every code, also for clips collapsed to the minimum step (all-zero channels).
+    ``code * step - clip`` is the value the weight quantizer maps to ``code`` by nearest rounding, so it
+    reproduces every code, also for clips collapsed to the minimum step (all-zero channels). With a learned
+    rounding (each code is ``floor(position) + flag``) the weight sits half a step inside the level below
+    or at it: position ``code - flag + 1/2``.
     """
     quantizer = layer.weight_quantizer
     clip = torch.clamp(quantizer.clip.detach(), min=MIN_STEP)
     step = quantizer.step(clip)
-    return codes.to(torch.float32) * step - clip
+    position = codes.to(torch.float32)
+    if rounding is not None:
+        position = position - rounding.to(torch.float32) + 0.5
+    return position * step - clip
 
 
 def load_quantized(path: PathLike, model: Optional[nn.Module] = None,
@@ -304,7 +314,8 @@ def load_quantized(path: PathLike, model: Optional[nn.Module] = None,
 
     Returns:
         The quantized model (fake-quant backend; see ``to_backend``). Its outputs equal the saved model's
-        bit for bit on every backend; its float weights are the dequantized ones. Attention matmuls
+        bit for bit on every backend; its float weights are the dequantized ones (half a step off them where
+        the layer has learned rounding flags, which it gets back). Attention matmuls
         (``quantize_attention`` in the stored config) are wrapped again and get their stored quantizers.
     """
     payload = read_quantized(path)
@@ -353,7 +364,11 @@ def load_quantized(path: PathLike, model: Optional[nn.Module] = None,
             bits = entry['w_bits']
             numel = math.prod(entry['weight_shape'])
             codes = unpack_codes(entry['codes'], bits, numel).reshape(entry['weight_shape']).to(layer.weight.device)
-            layer.weight.copy_(_loaded_weight(layer, codes).to(layer.weight.dtype))
+            rounding = entry.get('rounding')
+            if rounding is not None:
+                rounding = unpack_codes(rounding, 1, numel).reshape(entry['weight_shape']).to(layer.weight.device)
+                layer.weight_quantizer.set_rounding(rounding)
+            layer.weight.copy_(_loaded_weight(layer, codes, rounding).to(layer.weight.dtype))
             restored, _, _ = layer.weight_quantizer.integer_codes(layer.weight)
             if not torch.equal(restored, codes):
                 raise DataError(f"{path}: layer '{name}' does not reproduce its stored weight codes")
