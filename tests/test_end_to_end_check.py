@@ -69,6 +69,7 @@ def test_a_collapsed_block_is_named_and_warned_about(caplog):
     assert check.fidelity_psnr < threshold and check.threshold_db == threshold
     assert check.worst()[0].name == 'block2' and check.worst()[0].error_share > 0.9
     assert check.warning is not None and 'block2' in check.warning
+    assert 'turn block reconstruction on' in check.warning  # it did not run here
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and 'OAQ check:' in r.getMessage()]
     assert len(warnings) == 1
     # The quantized network's layer modes are as they were.

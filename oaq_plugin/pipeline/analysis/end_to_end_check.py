@@ -158,9 +158,9 @@ def end_to_end_check(float_model: nn.Module, qmodel: nn.Module, source: PatchSou
                           crop_size=crops.shape[-1], blocks=blocks)
     if fidelity is not None and fidelity < threshold_db:
         worst = ', '.join(b.name for b in check.worst() if b.error_share > 0)
+        remedy = '' if config.reconstruction.enabled else ', or turn block reconstruction on'
         check.warning = (f'fidelity {fidelity:.2f} dB is below {threshold_db:.0f} dB: the quantized network may have '
-                         f'collapsed; keep the worst blocks ({worst}) at higher bits with layer_bits, or turn on '
-                         'reconstruction')
+                         f'collapsed; keep the worst blocks ({worst}) at higher bits with layer_bits{remedy}')
     check.seconds = time.perf_counter() - start
     if log:
         if check.warning:
