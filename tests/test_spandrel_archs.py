@@ -4,9 +4,9 @@ Each must quantize, validate and export (``quantized.pth`` rebuilt by ``oaq_plug
 reproduces the reported fidelity exactly), stay close to its float output, and list every layer it
 leaves in float with the reason.
 
-The threshold: at W8A8 the ten instances measured 50.0 (SAFMN) to 68.1 dB (Compact) fidelity PSNR
-(quantized vs float output, Y channel, uint8) with the default recipe of the time (before block
-reconstruction joined it), and 36.0 to 59.5 dB at W4A4 (docs/BENCHMARKS.md, "Any checkpoint"). 40 dB, an RMS difference of 2.5 grey levels of 255, keeps a
+The threshold: at W8A8 the ten instances measured 49.9 (SAFMN) to 68.1 dB (Compact) fidelity PSNR
+(quantized vs float output, Y channel, uint8) with the default recipe, and 37.0 to 59.5 dB at W4A4
+(docs/BENCHMARKS.md, "Any checkpoint"). 40 dB, an RMS difference of 2.5 grey levels of 255, keeps a
 10 dB margin below every W8A8 measurement (random weights, thread counts) and is still above the
 worst W4A4 result, so a W8A8 run that degrades to 4-bit quality fails.
 """

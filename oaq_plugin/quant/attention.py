@@ -23,9 +23,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import NumericalError, UnsupportedLayerError
-from .observer import all_finite
 from .activation import ActivationQuantizer
 from .layers import MODES
+from .observer import all_finite
 
 # What a module must have to be run by QuantWindowAttention (BasicSR's and the original SwinIR's layout).
 WINDOW_ATTENTION_ATTRIBUTES = ('qkv', 'proj', 'num_heads', 'scale', 'window_size', 'relative_position_bias_table',
