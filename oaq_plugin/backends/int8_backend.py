@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UnsupportedLayerError
 from ..quant.layers import QuantLayer
+from ..quant.observer import all_finite
 from ..quant.region_grid import RegionGrid
 from .triton_backend import CachedExecutor, conv_input, grid_params
 
@@ -47,7 +48,7 @@ def integer_lattice(grid: RegionGrid) -> Tuple[Optional[Lattice], str]:
     declared = _declared_lattice(grid, levels)
     if declared is not None:
         return declared
-    if not levels.numel() or not torch.isfinite(levels).all():
+    if not levels.numel() or not all_finite(levels):
         return None, 'its levels are not finite'
     magnitude = float(levels.abs().max())
     if not magnitude:

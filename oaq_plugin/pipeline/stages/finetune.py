@@ -26,6 +26,7 @@ from ...quant.activation import activation_quantizers, fast_fake_quantization
 from ...quant.dual_region import DualRegionQuantizer
 from ...quant.forward_hooks import forward_hooks
 from ...quant.layers import quant_layers
+from ...quant.observer import all_finite
 from ...quant.seeding import seeded_generator
 from ..capture.feature_taps import FeatureTaps, TapKey, tap_names
 from ..io.patches import PatchSource
@@ -136,12 +137,12 @@ def _first_non_finite_layer(qmodel: nn.Module, batch: torch.Tensor) -> Optional[
     """The first quantized layer whose output or quantizer parameters are not finite, if any."""
     for name, layer in quant_layers(qmodel):
         for pname, p in list(layer.act_quantizer.named_parameters()) + list(layer.weight_quantizer.named_parameters()):
-            if not torch.isfinite(p).all():
+            if not all_finite(p):
                 return f'{name} ({pname})'
     found: List[str] = []
 
     def check(name: str, module: nn.Module, args, output) -> None:
-        if not found and not torch.isfinite(output).all():
+        if not found and not all_finite(output):
             found.append(name)
     with forward_hooks(quant_layers(qmodel), check), torch.no_grad():
         qmodel(batch)
@@ -226,8 +227,7 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # Checked before the step, so that the parameters still show where the problem started.
-            if not torch.isfinite(loss) or not all(p.grad is None or torch.isfinite(p.grad).all()
-                                                   for _, p in self.groups[active]):
+            if not all_finite(loss) or not all(p.grad is None or all_finite(p.grad) for _, p in self.groups[active]):
                 _raise_numerical(self.qmodel, batch, epoch, iteration)
             self.optimizer.step()
             for index, value in enumerate((loss, rec, sen)):
