@@ -22,7 +22,8 @@ from oaq_plugin.pipeline.resume import StopRequest, load_state
 from tiny_sr import TinyResSR, single_thread, tiny_images  # noqa: F401 (autouse fixture)
 
 IMAGES = ('a', 'b')
-SMALL = {'search': {'enabled': False}, 'reconstruction': {'enabled': False}, 'calib': {'num_batches': 2, 'batch_size': 2, 'patch_size': 12},
+SMALL = {'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+         'calib': {'num_batches': 2, 'batch_size': 2, 'patch_size': 12},
          'backend': 'fake'}
 
 

@@ -258,7 +258,8 @@ def test_a_run_exports_and_validates_through_onnx_runtime(tmp_path):
     reports = {}
     for backend, export in (('reference', True), ('onnxruntime', False)):
         options = OAQOptions.from_dict({
-            'integer_lattice': True, 'search': {'enabled': False}, 'reconstruction': {'enabled': False}, 'backend': backend, 'export': {'onnx': export},
+            'integer_lattice': True, 'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+            'backend': backend, 'export': {'onnx': export},
             'calib': {'num_batches': 2, 'batch_size': 2, 'patch_size': 12, 'dataroot_lq': str(tmp_path / 'calib')}})
         out = tmp_path / backend
         torch.manual_seed(0)

@@ -3,8 +3,8 @@
 The target is a cost of at most 0.1 dB PSNR-Y on Set5 (IMDN x4). Calibration as the defaults (6 batches of 16
 SunHays80 crops of 96 px), search on, block reconstruction and finetuning off (reconstruction, on by default,
 would add minutes to the suite; the default recipe's W8A8 rows are in docs/BENCHMARKS.md), and weights on the
-grid that includes zero (``weight_grid: zero``), which held-out SunHays80 crops preferred (fidelity 51.43 vs 51.06 dB with the paper
-grid, ``tools/heldout_fidelity.py``). Measured on Set5: 32.21 -> 32.16 (0.05 dB); with the paper grid 0.10 dB,
+grid that includes zero (``weight_grid: zero``), which held-out SunHays80 crops preferred (fidelity 51.43 vs
+51.06 dB with the paper grid, ``tools/heldout_fidelity.py``). Measured on Set5: 32.21 -> 32.16 (0.05 dB); with the paper grid 0.10 dB,
 without the search 0.27 dB.
 """
 from __future__ import annotations

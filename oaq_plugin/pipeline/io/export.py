@@ -2,9 +2,9 @@
 
 A file holds plain data only (tensors, numbers, strings, lists, dicts), so it loads with
 ``torch.load(weights_only=True)``: the packed weight codes of every quantized layer (and its learned rounding
-flags, one bit per weight, where it has them) with the state of its quantizers and its bias, the layer plans, the config, the float tensors of the rest of the model (the
-operand quantizers of attention matmuls included), an optional architecture description, and a sha256
-digest of all of it that is checked on load.
+flags, one bit per weight, where it has them) with the state of its quantizers and its bias, the layer plans,
+the config, the float tensors of the rest of the model (the operand quantizers of attention matmuls included),
+an optional architecture description, and a sha256 digest of all of it that is checked on load.
 """
 from __future__ import annotations
 
