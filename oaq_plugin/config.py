@@ -171,6 +171,8 @@ class ReconstructionConfig:
             unquantized (at random, each step).
         rounding: Learn the weights' rounding.
         activations: Learn the activation quantizers' bounds and breakpoints.
+        activation_bits: Learn only those of activation quantizers with at most this many bits; finer grids
+            keep their calibrated and searched values.
         num_samples: Calibration patches whose block inputs and outputs are captured.
         patch_size: Side of the (top-left) part of each patch that is used.
         batch_size: Patches per Adam step (drawn at random from the ``num_samples``).
@@ -205,6 +207,7 @@ class ReconstructionConfig:
     drop_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
     rounding: bool = True
     activations: bool = True
+    activation_bits: int = field(default=MAX_BITS, metadata=_range(MIN_BITS, MAX_BITS))
     num_samples: int = field(default=32, metadata=_range(1))
     patch_size: int = field(default=48, metadata=_range(4))
     batch_size: int = field(default=4, metadata=_range(1))
@@ -386,9 +389,9 @@ class OAQConfig:
             unit ``u`` per quantizer and an integer code ``n + zero_point`` in int8 (int16 for a grid that
             int8 cannot hold, e.g. an 8-bit dual-region grid), so an int8 engine (the ONNX export) runs the
             layer as integer products. Every stage trains the snapped grid (oaq_plugin/quant/integer_lattice.py).
-            Off by default for now: on the held-out split it changed fidelity by -0.007 to +0.33 dB (W4A4 and
-            W8A8 on IMDN, RFDN and PAN; docs/BENCHMARKS.md, "Integer lattice"), which qualifies it as a default,
-            but the switch waits for the Set5 measurement and a full test run with it on.
+            Off by default: on the held-out split it changed fidelity by -0.25 to +0.33 dB at W4A4 and by -0.03
+            to +0.05 dB at W8A8 (six zoo networks; docs/BENCHMARKS.md, "Integer lattice"), beyond the 0.02 dB
+            a default may cost.
         calib: Calibration data and statistics.
         search: The per-layer search.
         rounding: Learned weight rounding.

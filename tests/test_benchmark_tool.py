@@ -25,6 +25,10 @@ def test_every_rung_is_a_valid_config_with_the_requested_finetuning(benchmark):
     assert rounding.rounding.enabled and rounding.weight_grid == 'zero' and rounding.finetune.enabled
     blocks = OAQConfig.from_dict(benchmark.rung_config('full_recon', args))
     assert blocks.reconstruction.enabled and not blocks.rounding.enabled and blocks.finetune.enabled
+    # The lattice rungs are the default recipe with the lattice on, nothing else changed.
+    for plain, lattice in (('default', 'default_lattice'), ('default_w8a8', 'default_w8a8_lattice')):
+        expected = OAQConfig.from_dict(benchmark.rung_config(plain, args)).replace(integer_lattice=True)
+        assert OAQConfig.from_dict(benchmark.rung_config(lattice, args)) == expected
     # The rung table is not changed by building a config from it.
     assert benchmark.RUNGS['full'][1]['finetune'] == {'enabled': True, 'mode': 'sensitivity'}
 

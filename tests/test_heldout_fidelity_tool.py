@@ -20,7 +20,10 @@ LEVERS = {'reconstruction': {'enabled': True, 'iterations': 5, 'num_samples': 4,
 def test_variants_are_merged_into_the_base_section_by_section():
     tool = load_tool('heldout_fidelity')
     config = tool.merged(tool.BASES['w8a8'], {'w_bits': 4, 'search': {'breakpoint': False}})
-    assert config == {'w_bits': 4, 'a_bits': 8, 'search': {'enabled': False, 'breakpoint': False}}
+    assert config == {'w_bits': 4, 'a_bits': 8, 'search': {'enabled': False, 'breakpoint': False},
+                      'reconstruction': {'enabled': False}}
+    # The historical base measures calibration alone, whatever today's default stages are.
+    assert not tool.OAQConfig.from_dict(tool.BASES['w8a8']).reconstruction.enabled
     assert tool.merged(tool.BASES['default'], {}) == {}
 
 

@@ -165,6 +165,22 @@ def test_weight_clips_are_learned_only_when_asked(rounding):
     assert not any(clips[False]) and all(clips[True])
 
 
+def test_activation_quantizers_above_activation_bits_keep_their_values():
+    _, qmodel, _, _, batches = calibrated_tiny({'w_bits': 3, 'a_bits': 3, 'layer_bits': {'block1.conv2': 6}})
+    block = dict(qmodel.named_modules())['block1']
+    set_mode(qmodel, 'float')
+    _, targets = capture_block(qmodel, 'block1', torch.cat(batches)[:4], 1, outputs=True)
+    calls, _ = capture_block(qmodel, 'block1', torch.cat(batches)[:4], 1, outputs=False)
+    layers = dict(quant_layers(block))
+    assert {name: layer.act_quantizer.bits for name, layer in layers.items()} == {'conv1': 3, 'conv2': 6}
+    initial = {name: [p.detach().clone() for p in layer.act_quantizer.parameters()] for name, layer in layers.items()}
+    settings = ReconstructionConfig(**{**RECONSTRUCTION, 'iterations': 60, 'activation_bits': 4})
+    reconstruct_block('block1', block, calls, targets, settings)
+    moved = {name: any(not torch.equal(p.detach(), q) for p, q in zip(layer.act_quantizer.parameters(), initial[name]))
+             for name, layer in layers.items()}
+    assert moved == {'conv1': True, 'conv2': False}
+
+
 class HighResSR(nn.Module):
     """A low-resolution head, a x2 pixel shuffle, then a two-conv block at high resolution."""
 

@@ -35,12 +35,15 @@ _NO_SEARCH = {'enabled': False}
 _NO_RECON = {'enabled': False}
 _RECON = {'enabled': True}
 # (rung key, label, oaq overrides). Fully-quantized protocol and paper level allocation throughout; every rung
-# but ``default``, ``default_w8a8`` and ``paper`` names its stages, so that a change of the default recipe does
+# but ``paper`` and the ``default*`` ones names its stages, so that a change of the default recipe does
 # not change what a labelled rung runs. The finetuning length comes from --ft-iters.
 RUNGS = {
     'default': ('W4A4 default recipe', {}),
     'default_w8a8': ('W8A8 default recipe', {'w_bits': 8, 'a_bits': 8}),
     'paper': ('W4A4 paper preset (dual-region + SAFT, per-tensor weights)', {'preset': 'paper'}),
+    'default_lattice': ('W4A4 default recipe, integer lattice', {'integer_lattice': True}),
+    'default_w8a8_lattice': ('W8A8 default recipe, integer lattice', {'w_bits': 8, 'a_bits': 8,
+                                                                      'integer_lattice': True}),
     'minmax': ('W4A4 MinMax', {'act_quantizer': 'minmax', 'search': _NO_SEARCH, 'reconstruction': _NO_RECON}),
     'percentile': ('W4A4 Percentile', {'act_quantizer': 'percentile', 'search': _NO_SEARCH,
                                        'reconstruction': _NO_RECON}),

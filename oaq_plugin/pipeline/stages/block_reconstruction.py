@@ -633,6 +633,8 @@ def reconstruct_block(name: str, block: nn.Module, calls: Sequence[Call], target
             groups.append({'params': [clip], 'lr': settings.weight_lr * scale})
     if settings.activations:
         for _, quantizer in quantizers:
+            if quantizer.bits > settings.activation_bits:
+                continue
             for parameter in quantizer.parameters(recurse=False):
                 scale = max(float(parameter.detach().abs().max()), MIN_STEP)
                 groups.append({'params': [parameter], 'lr': settings.act_lr * scale})
