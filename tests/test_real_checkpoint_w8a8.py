@@ -9,38 +9,18 @@ without the search 0.27 dB.
 """
 from __future__ import annotations
 
-import cv2
 import pytest
-import torch
-from basicsr.metrics.psnr_ssim import calculate_psnr
-from basicsr.utils import img2tensor, tensor2img
 
 from oaq_plugin import quantize
 from oaq_plugin.archs.zoo import build_zoo_model
-from oaq_plugin.pipeline.io.patches import PatchSource
-
-SET5 = ('baby', 'bird', 'butterfly', 'head', 'woman')
-
-
-def read(path):
-    return img2tensor(cv2.imread(str(path)).astype('float32') / 255.)
+from real_checkpoints import set5_psnr, sunhays80
 
 
 @pytest.mark.slow
 def test_imdn_x4_w8a8_cost_on_set5(shared):
     model = build_zoo_model('imdn_x4', shared)
-    calib_files = sorted((shared / 'data/calib/SunHays80/LR_bicubic/X4').glob('*.png'))
-    qmodel = quantize(model, PatchSource([read(p) for p in calib_files]),
-                      {'w_bits': 8, 'a_bits': 8, 'weight_grid': 'zero',
-                       'reconstruction': {'enabled': False}})
-    psnr = {'fp': [], 'quant': []}
-    for name in SET5:
-        lq = read(shared / f'data/benchmark/Set5/LR_bicubic/X4/{name}x4.png')[None]
-        gt = cv2.imread(str(shared / f'data/benchmark/Set5/HR/{name}.png'))
-        with torch.no_grad():
-            for key, net in (('fp', model), ('quant', qmodel)):
-                out = tensor2img([net(lq)])
-                psnr[key].append(calculate_psnr(out, gt[:out.shape[0], :out.shape[1]], 4, test_y_channel=True))
-    fp, quant = (sum(v) / len(v) for v in (psnr['fp'], psnr['quant']))
-    assert fp == pytest.approx(32.21, abs=0.01)
-    assert fp - quant <= 0.1, (fp, quant)
+    qmodel = quantize(model, sunhays80(shared, 4), {'w_bits': 8, 'a_bits': 8, 'weight_grid': 'zero',
+                                                    'reconstruction': {'enabled': False}})
+    psnr = set5_psnr(shared, 4, fp=model, quant=qmodel)
+    assert psnr['fp'] == pytest.approx(32.21, abs=0.01)
+    assert psnr['fp'] - psnr['quant'] <= 0.1, psnr

@@ -1,5 +1,6 @@
 """The levers of block reconstruction, each off by default: sibling grouping, weight clips learned in the
-block objective, and training high-resolution blocks on windows of their inputs."""
+block objective, and training high-resolution blocks on windows of their inputs; and which activation grids it
+learns (`activation_bits`)."""
 from __future__ import annotations
 
 import pytest
@@ -165,16 +166,18 @@ def test_weight_clips_are_learned_only_when_asked(rounding):
     assert not any(clips[False]) and all(clips[True])
 
 
-def test_activation_quantizers_above_activation_bits_keep_their_values():
-    _, qmodel, _, _, batches = calibrated_tiny({'w_bits': 3, 'a_bits': 3, 'layer_bits': {'block1.conv2': 6}})
+@pytest.mark.parametrize('fine_bits, limit', [(6, {'activation_bits': 4}), (8, {})])
+def test_activation_quantizers_above_activation_bits_keep_their_values(fine_bits, limit):
+    # {}: the default leaves 8-bit grids (W8A8, the ends of a W4A4 network) as calibrated and searched.
+    _, qmodel, _, _, batches = calibrated_tiny({'w_bits': 3, 'a_bits': 3, 'layer_bits': {'block1.conv2': fine_bits}})
     block = dict(qmodel.named_modules())['block1']
     set_mode(qmodel, 'float')
     _, targets = capture_block(qmodel, 'block1', torch.cat(batches)[:4], 1, outputs=True)
     calls, _ = capture_block(qmodel, 'block1', torch.cat(batches)[:4], 1, outputs=False)
     layers = dict(quant_layers(block))
-    assert {name: layer.act_quantizer.bits for name, layer in layers.items()} == {'conv1': 3, 'conv2': 6}
+    assert {name: layer.act_quantizer.bits for name, layer in layers.items()} == {'conv1': 3, 'conv2': fine_bits}
     initial = {name: [p.detach().clone() for p in layer.act_quantizer.parameters()] for name, layer in layers.items()}
-    settings = ReconstructionConfig(**{**RECONSTRUCTION, 'iterations': 60, 'activation_bits': 4})
+    settings = ReconstructionConfig(**{**RECONSTRUCTION, 'iterations': 60, **limit})
     reconstruct_block('block1', block, calls, targets, settings)
     moved = {name: any(not torch.equal(p.detach(), q) for p, q in zip(layer.act_quantizer.parameters(), initial[name]))
              for name, layer in layers.items()}
@@ -246,7 +249,8 @@ def test_pipeline_trains_high_resolution_blocks_on_windows():
     torch.manual_seed(0)
     model = HighResSR().eval()
     batches = PatchSource(tiny_images()).batches(2, 4, 12, seed=1)
-    options = {**OPTIONS, 'reconstruction': {**RECONSTRUCTION, 'window': 10, 'iterations': 80}}
+    # The high-resolution block holds the 8-bit last layers: let it learn their activation grids too.
+    options = {**OPTIONS, 'reconstruction': {**RECONSTRUCTION, 'window': 10, 'iterations': 80, 'activation_bits': 8}}
     blocks = {b.name: b for b in run_pipeline(model, batches, options).reports['reconstruction'].blocks}
     assert blocks['head'].window == 0 and blocks['hr'].window == 10
     assert blocks['hr'].kept and blocks['hr'].error_after < blocks['hr'].error_before
