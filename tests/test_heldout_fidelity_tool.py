@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from oaq_plugin.pipeline.run import stage_names
-from tiny_sr import TinyResSR, load_tool, tiny_images, single_thread  # noqa: F401  (autouse fixture)
+from oaq_plugin.quant.layers import quant_layers
+from tiny_sr import TinyResSR, calibrated_tiny, load_tool, tiny_images, single_thread  # noqa: F401  (autouse fixture)
 
 TINY = {'calib': {'num_batches': 1, 'batch_size': 4, 'patch_size': 12},
         'search': {'grid_size': 4, 'refine_rounds': 0, 'num_samples': 2, 'window': 8}}
@@ -39,7 +40,7 @@ def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypat
     monkeypatch.setattr(tool, 'shared_root', lambda: tmp_path)
     monkeypatch.setattr(tool, 'build_zoo_model', lambda key, shared: TinyResSR().eval())
     out = tmp_path / 'bench.json'
-    assert tool.main(['--model', 'imdn_x2', '--base', 'default', '--json', str(out),
+    assert tool.main(['--model', 'imdn_x2', '--base', 'default', '--json', str(out), '--per-layer',
                       repr({**TINY, 'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': False}}),
                       repr({**TINY, **LEVERS})]) == 0
     data = json.loads(out.read_text())
@@ -52,3 +53,30 @@ def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypat
     assert plain['reconstruction'] is None and plain['config']['search']['enabled']
     assert levers['config']['reconstruction']['group_siblings'] and levers['stage_seconds']['reconstruction_s'] > 0
     assert levers['reconstruction']['blocks']
+    # Each layer's share: both parts of every quantized layer, largest gain first, and leaving a part
+    # unquantized changes the output (the bypass is real and is undone afterwards).
+    rows = plain['per_layer']
+    layers = {row['layer'] for row in rows}
+    assert len(rows) == 2 * len(layers) and {row['unquantized'] for row in rows} == {'activations', 'weights'}
+    gains = [row['gain_db'] for row in rows]
+    assert gains == sorted(gains, reverse=True) and any(abs(g) > 1e-6 for g in gains)
+
+
+def test_per_layer_costs_leave_the_model_as_it_was():
+    tool = load_tool('heldout_fidelity')
+    _, qmodel, _, _, batches = calibrated_tiny({'w_bits': 4, 'a_bits': 4})
+    x = batches[0][:2]
+    with torch.no_grad():
+        before = qmodel(x)
+    seen = []
+
+    def fidelity(net):
+        with torch.no_grad():
+            out = net(x)
+        seen.append(not torch.equal(out, before))
+        return -float((out - before).abs().sum())
+
+    rows = tool.per_layer_costs(qmodel, fidelity, 0.0, log=lambda line: None)
+    assert len(rows) == 2 * len(list(quant_layers(qmodel))) and all(seen)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), before)

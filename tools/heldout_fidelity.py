@@ -3,7 +3,7 @@
 Usage::
 
     python tools/heldout_fidelity.py [--model imdn_x4] [--base w8a8|default] [--json PATH] [--no-split] \
-        ["{python dict of oaq overrides}" ...]
+        [--per-layer] ["{python dict of oaq overrides}" ...]
 
 Calibrates on the first 60 SunHays80 LR images (6 batches of 16 crops, 96 px) and measures fidelity
 PSNR-Y (crop = scale) of the quantized output against the float output on 128-px centre crops of the
@@ -13,13 +13,16 @@ and block reconstruction disabled (calibration only, what the tool's earlier tab
 default`` is ``OAQConfig()`` (today's recipe); any key, a preset, any stage or any
 reconstruction lever can be overridden, e.g.
 ``"{'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': True, 'group_siblings': True}}"``.
-Sections are merged key by key into the base's. Every variant's numbers, its whole config and its seconds
+Sections are merged key by key into the base's. ``--per-layer`` adds, per quantized layer, the fidelity gained
+with only its activations or only its weights left unquantized: where the error of a variant comes from.
+Every variant's numbers, its whole config and its seconds
 per stage go to a JSON file (``--json``; by default ``docs/bench/heldout_<model>_<time>.json``).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import datetime
 import json
@@ -27,7 +30,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from oaq_plugin.compat import install_basicsr_compat
 
@@ -76,15 +79,40 @@ def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Dict[str, A
     return out
 
 
+@contextlib.contextmanager
+def bypassed(quantizer: torch.nn.Module) -> Iterator[None]:
+    """While active, ``quantizer`` passes its input through unquantized."""
+    quantizer.forward = lambda value: value
+    try:
+        yield
+    finally:
+        del quantizer.forward
+
+
+def per_layer_costs(qmodel: torch.nn.Module, fidelity, everything: float, log=print) -> List[Dict[str, Any]]:
+    """For each quantized layer, the fidelity gained by leaving only its activations (input) or only its weights
+    unquantized, the rest of the network as quantized: where the error comes from. Largest gains first."""
+    rows = []
+    for name, layer in quant_layers(qmodel):
+        for part, quantizer in (('activations', layer.act_quantizer), ('weights', layer.weight_quantizer)):
+            with bypassed(quantizer):
+                gain = fidelity(qmodel) - everything
+            rows.append({'layer': name, 'unquantized': part, 'gain_db': gain})
+            log(f'  {name} {part} unquantized: {gain:+.3f} dB')
+    return sorted(rows, key=lambda row: -row['gain_db'])
+
+
 def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence[torch.Tensor], scale: int,
             variants: Sequence[Mapping[str, Any]], base: Mapping[str, Any], split: bool = True,
-            log=print) -> List[Dict[str, Any]]:
+            per_layer: bool = False, log=print) -> List[Dict[str, Any]]:
     """Quantize ``model`` once per variant and measure the fidelity PSNR-Y of its output against the float
     output on ``held_out`` inputs; with ``split``, also with only the weights or only the activations
-    quantized (copies of the same quantized model, so the split costs no second quantization).
+    quantized (copies of the same quantized model, so the split costs no second quantization); with
+    ``per_layer``, also each layer's share (:func:`per_layer_costs`).
 
     Returns one record per variant: the overrides, the whole config, ``fidelity`` (``all`` and, with
-    ``split``, ``weights_only`` and ``activations_only``), seconds per stage and in all.
+    ``split``, ``weights_only`` and ``activations_only``), seconds per stage and in all, and with
+    ``per_layer`` the ``per_layer`` rows.
     """
     with torch.no_grad():
         references = [to_uint8(model(x)) for x in held_out]
@@ -104,19 +132,22 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
         scores = {'all': fidelity(qmodel)}
         log(f'{extra} all {scores["all"]:.3f}  ({seconds:.0f} s)')
         if split:
-            weights_only = copy.deepcopy(qmodel)
-            for _, layer in quant_layers(weights_only):
-                layer.act_quantizer.forward = lambda x: x
-            scores['weights_only'] = fidelity(weights_only)
+            with contextlib.ExitStack() as stack:
+                for _, layer in quant_layers(qmodel):
+                    stack.enter_context(bypassed(layer.act_quantizer))
+                scores['weights_only'] = fidelity(qmodel)
             log(f'{extra} weights only {scores["weights_only"]:.3f}')
-            activations_only = copy.deepcopy(qmodel)
-            for _, layer in quant_layers(activations_only):
-                layer.weight_quantizer.forward = lambda w: w
-            scores['activations_only'] = fidelity(activations_only)
+            with contextlib.ExitStack() as stack:
+                for _, layer in quant_layers(qmodel):
+                    stack.enter_context(bypassed(layer.weight_quantizer))
+                scores['activations_only'] = fidelity(qmodel)
             log(f'{extra} activations only {scores["activations_only"]:.3f}')
-        records.append({'overrides': extra, 'config': config.to_dict(), 'fidelity_psnr_y': scores,
-                        'stage_seconds': dict(result.timings), 'quantize_seconds': seconds,
-                        'reconstruction': result.report_dicts().get('reconstruction')})
+        record = {'overrides': extra, 'config': config.to_dict(), 'fidelity_psnr_y': scores,
+                  'stage_seconds': dict(result.timings), 'quantize_seconds': seconds,
+                  'reconstruction': result.report_dicts().get('reconstruction')}
+        if per_layer:
+            record['per_layer'] = per_layer_costs(qmodel, fidelity, scores['all'], log)
+        records.append(record)
     return records
 
 
@@ -127,6 +158,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='what the variants override: w8a8 (W8A8, search and reconstruction off) or default '
                              '(OAQConfig())')
     parser.add_argument('--no-split', action='store_true', help='skip the weights-only / activations-only rows')
+    parser.add_argument('--per-layer', action='store_true',
+                        help="also each layer's share: the fidelity gained with only its activations or only its "
+                             'weights left unquantized (two evaluations per layer)')
     parser.add_argument('--json', help='where to write the results (default: docs/bench/heldout_<model>_<time>.json)')
     parser.add_argument('variants', nargs='*', help='python dicts of oaq overrides (default: one, empty)')
     args = parser.parse_args(argv)
@@ -141,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     held_out = [centre_crop(read_image(p), HELD_OUT_CROP)[None] for p in files[CALIBRATION_IMAGES:]]
     print(f'{args.model}: fidelity PSNR-Y vs FP on {len(held_out)} held-out SunHays80 crops', flush=True)
     records = measure(model, calibration, held_out, scale, overrides, BASES[args.base], split=not args.no_split,
-                      log=lambda line: print(line, flush=True))
+                      per_layer=args.per_layer, log=lambda line: print(line, flush=True))
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     path = Path(args.json) if args.json else ROOT / 'docs' / 'bench' / f'heldout_{args.model}_{stamp}.json'
     path.parent.mkdir(parents=True, exist_ok=True)
