@@ -174,7 +174,8 @@ class ReconstructionConfig:
         activation_bits: Learn only those of activation quantizers with at most this many bits; finer grids
             keep their calibrated and searched values. 6 by default: learning the bounds of 8-bit grids on the
             calibration patches lowered held-out fidelity at W8A8 (IMDN 52.06 -> 51.72 dB, RFDN 50.34 -> 49.86)
-            and left W4A4 unchanged (IMDN 38.86 against 38.85; docs/BENCHMARKS.md, "The default recipe").
+            and, at W4A4 (the 8-bit end layers), tied on IMDN and RFDN and lost on FSRCNN (26.95 -> 25.91) and
+            SRVGG (32.73 -> 32.22; docs/BENCHMARKS.md, "The default recipe").
         num_samples: Calibration patches whose block inputs and outputs are captured.
         patch_size: Side of the (top-left) part of each patch that is used.
         batch_size: Patches per Adam step (drawn at random from the ``num_samples``).
