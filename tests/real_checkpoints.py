@@ -1,37 +1,52 @@
-"""What the real-checkpoint tests share: reading images as BasicSR does, SunHays80 calibration and Set5 PSNR-Y."""
+"""What the real-checkpoint tests share: benchmark pairs as BasicSR's paired dataset reads them, PSNR-Y as
+BasicSR's validation computes it, and the SunHays80 calibration set."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Dict
 
 import cv2
+import numpy as np
+import pytest
 import torch
-from basicsr.metrics.psnr_ssim import calculate_psnr
+from basicsr.metrics import calculate_psnr
 from basicsr.utils import img2tensor, tensor2img
-from torch import nn
 
+from oaq_plugin.pipeline.io.images import read_image
 from oaq_plugin.pipeline.io.patches import PatchSource
 
-SET5 = ('baby', 'bird', 'butterfly', 'head', 'woman')
+
+@functools.lru_cache(maxsize=None)
+def image_pairs(shared_root: Path, test_set: str, scale: int) -> tuple:
+    """(LR, HR) pairs as BasicSR's paired dataset reads them: BGR float32 [0, 1], HR mod-cropped to LR * scale."""
+    folder = shared_root / 'data' / 'benchmark' / test_set
+    hr_paths = sorted((folder / 'HR').glob('*.png'))
+    if not hr_paths:
+        pytest.skip(f'{test_set} HR images not found at {folder / "HR"}; set OAQ_SHARED')
+    pairs = []
+    for hr_path in hr_paths:
+        lr_path = folder / 'LR_bicubic' / f'X{scale}' / f'{hr_path.stem}x{scale}.png'
+        lr = cv2.imread(str(lr_path), cv2.IMREAD_COLOR)
+        if lr is None:
+            pytest.skip(f'LR image not found at {lr_path}; set OAQ_SHARED')
+        hr = cv2.imread(str(hr_path), cv2.IMREAD_COLOR)
+        hr = hr[:lr.shape[0] * scale, :lr.shape[1] * scale]
+        pairs.append((lr.astype(np.float32) / 255., hr.astype(np.float32) / 255.))
+    return tuple(pairs)
 
 
-def read(path: Path) -> torch.Tensor:
-    return img2tensor(cv2.imread(str(path)).astype('float32') / 255.)
+def rgb_pipeline_psnr(model: torch.nn.Module, pairs: tuple, scale: int) -> float:
+    """Mean PSNR-Y as BasicSR's SRModel.validation computes it."""
+    values = []
+    for lr, hr in pairs:
+        with torch.inference_mode():
+            sr = model(img2tensor(lr, bgr2rgb=True, float32=True).unsqueeze(0))
+        gt = img2tensor(hr, bgr2rgb=True, float32=True).unsqueeze(0)
+        values.append(calculate_psnr(tensor2img(sr), tensor2img(gt), crop_border=scale, test_y_channel=True))
+    return float(np.mean(values))
 
 
 def sunhays80(shared: Path, scale: int) -> PatchSource:
     """Every SunHays80 LR image at ``scale``, the calibration set of the benchmarks."""
-    return PatchSource([read(p) for p in sorted((shared / f'data/calib/SunHays80/LR_bicubic/X{scale}').glob('*.png'))])
-
-
-def set5_psnr(shared: Path, scale: int, **networks: nn.Module) -> Dict[str, float]:
-    """Mean Set5 PSNR-Y (crop = scale, uint8 output) of each named network."""
-    scores: Dict[str, list] = {key: [] for key in networks}
-    for name in SET5:
-        lq = read(shared / f'data/benchmark/Set5/LR_bicubic/X{scale}/{name}x{scale}.png')[None]
-        gt = cv2.imread(str(shared / f'data/benchmark/Set5/HR/{name}.png'))
-        with torch.no_grad():
-            for key, net in networks.items():
-                out = tensor2img([net(lq)])
-                scores[key].append(calculate_psnr(out, gt[:out.shape[0], :out.shape[1]], scale, test_y_channel=True))
-    return {key: sum(values) / len(values) for key, values in scores.items()}
+    files = sorted((shared / f'data/calib/SunHays80/LR_bicubic/X{scale}').glob('*.png'))
+    return PatchSource([read_image(p) for p in files])

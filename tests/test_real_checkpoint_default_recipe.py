@@ -14,7 +14,7 @@ import pytest
 
 from oaq_plugin import quantize
 from oaq_plugin.archs.zoo import build_zoo_model
-from real_checkpoints import set5_psnr, sunhays80
+from real_checkpoints import image_pairs, rgb_pipeline_psnr, sunhays80
 
 TARGET_GAP_DB = 1.0
 
@@ -25,6 +25,7 @@ TARGET_GAP_DB = 1.0
 def test_imdn_x4_w4a4_default_recipe_within_1db_on_set5(shared):
     model = build_zoo_model('imdn_x4', shared)
     qmodel = quantize(model, sunhays80(shared, 4), {}, progress=False)
-    psnr = set5_psnr(shared, 4, fp=model, quant=qmodel)
+    pairs = image_pairs(shared, 'Set5', 4)
+    psnr = {'fp': rgb_pipeline_psnr(model, pairs, 4), 'quant': rgb_pipeline_psnr(qmodel, pairs, 4)}
     assert psnr['fp'] == pytest.approx(32.21, abs=0.01)
     assert psnr['fp'] - psnr['quant'] <= TARGET_GAP_DB, psnr
