@@ -30,7 +30,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 from oaq_plugin.compat import install_basicsr_compat
 
@@ -80,13 +80,16 @@ def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Dict[str, A
 
 
 @contextlib.contextmanager
-def bypassed(quantizer: torch.nn.Module) -> Iterator[None]:
-    """While active, ``quantizer`` passes its input through unquantized."""
-    quantizer.forward = lambda value: value
+def bypassed(quantizers: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """While active, each of ``quantizers`` passes its input through unquantized."""
+    quantizers = list(quantizers)
+    for quantizer in quantizers:
+        quantizer.forward = lambda value: value
     try:
         yield
     finally:
-        del quantizer.forward
+        for quantizer in quantizers:
+            del quantizer.forward
 
 
 def per_layer_costs(qmodel: torch.nn.Module, fidelity, everything: float, log=print) -> List[Dict[str, Any]]:
@@ -95,7 +98,7 @@ def per_layer_costs(qmodel: torch.nn.Module, fidelity, everything: float, log=pr
     rows = []
     for name, layer in quant_layers(qmodel):
         for part, quantizer in (('activations', layer.act_quantizer), ('weights', layer.weight_quantizer)):
-            with bypassed(quantizer):
+            with bypassed([quantizer]):
                 gain = fidelity(qmodel) - everything
             rows.append({'layer': name, 'unquantized': part, 'gain_db': gain})
             log(f'  {name} {part} unquantized: {gain:+.3f} dB')
@@ -107,7 +110,7 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
             per_layer: bool = False, log=print) -> List[Dict[str, Any]]:
     """Quantize ``model`` once per variant and measure the fidelity PSNR-Y of its output against the float
     output on ``held_out`` inputs; with ``split``, also with only the weights or only the activations
-    quantized (copies of the same quantized model, so the split costs no second quantization); with
+    quantized (the other quantizers bypassed for a while, so the split costs no second quantization); with
     ``per_layer``, also each layer's share (:func:`per_layer_costs`).
 
     Returns one record per variant: the overrides, the whole config, ``fidelity`` (``all`` and, with
@@ -132,14 +135,10 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
         scores = {'all': fidelity(qmodel)}
         log(f'{extra} all {scores["all"]:.3f}  ({seconds:.0f} s)')
         if split:
-            with contextlib.ExitStack() as stack:
-                for _, layer in quant_layers(qmodel):
-                    stack.enter_context(bypassed(layer.act_quantizer))
+            with bypassed(layer.act_quantizer for _, layer in quant_layers(qmodel)):
                 scores['weights_only'] = fidelity(qmodel)
             log(f'{extra} weights only {scores["weights_only"]:.3f}')
-            with contextlib.ExitStack() as stack:
-                for _, layer in quant_layers(qmodel):
-                    stack.enter_context(bypassed(layer.weight_quantizer))
+            with bypassed(layer.weight_quantizer for _, layer in quant_layers(qmodel)):
                 scores['activations_only'] = fidelity(qmodel)
             log(f'{extra} activations only {scores["activations_only"]:.3f}')
         record = {'overrides': extra, 'config': config.to_dict(), 'fidelity_psnr_y': scores,
