@@ -29,6 +29,9 @@ IO_BACKENDS = ('disk', 'lmdb')
 ALLOCATION_WEIGHTINGS = ('params', 'layers')
 LR_MODES = ('absolute', 'relative')
 MIN_BITS, MAX_BITS = 2, 8
+# Activation grids with at most this many bits are the ones the training stages (block reconstruction,
+# distillation) learn by default; finer grids keep their calibrated and searched values.
+LEARNED_ACTIVATION_BITS = 6
 
 
 def _choice(*values: str) -> Dict[str, Any]:
@@ -210,7 +213,7 @@ class ReconstructionConfig:
     drop_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
     rounding: bool = True
     activations: bool = True
-    activation_bits: int = field(default=6, metadata=_range(MIN_BITS, MAX_BITS))
+    activation_bits: int = field(default=LEARNED_ACTIVATION_BITS, metadata=_range(MIN_BITS, MAX_BITS))
     num_samples: int = field(default=32, metadata=_range(1))
     patch_size: int = field(default=48, metadata=_range(4))
     batch_size: int = field(default=4, metadata=_range(1))
@@ -220,6 +223,41 @@ class ReconstructionConfig:
     weight_lr: float = field(default=1e-3, metadata=_range(0.0))
     window: int = field(default=0, metadata=_range(0))
     output_weight: float = field(default=0.0, metadata=_range(0.0))
+
+
+@dataclass
+class DistillationConfig:
+    """Distillation of the whole quantized network from the float one, with trainable weights; beyond the
+    paper. Runs after block reconstruction, on random augmented crops of the calibration images (no
+    ground truth): every quantized weight may move off the value reconstruction left it at (its codes then
+    follow), and the bounds and breakpoints of activation grids with at most ``activation_bits`` bits
+    train with it, so that the quantized network's output matches the float network's (mean squared
+    error). The result is kept only when the output error on crops held aside from the training ones drops.
+
+    Args:
+        enabled: Run the stage.
+        iterations: Adam steps (the learning rates decay to zero on a cosine over them).
+        batch_size: Crops per step.
+        patch_size: Side of the crops, in input pixels.
+        weight_lr: Adam learning rate of each weight's offset, in units of its quantization step (so a
+            weight moves by about this fraction of a step per iteration, at any bit width).
+        act_lr: Adam learning rate of each activation bound and breakpoint, times its initial magnitude
+            (at least 1 % of its grid's span).
+        activation_bits: Learn only the activation quantizers with at most this many bits.
+        check_crops: Crops held aside (drawn with their own seed) on which the output error is measured
+            before and after.
+        seed: Seed of the crops.
+    """
+
+    enabled: bool = True
+    iterations: int = field(default=400, metadata=_range(1))
+    batch_size: int = field(default=4, metadata=_range(1))
+    patch_size: int = field(default=48, metadata=_range(4))
+    weight_lr: float = field(default=1e-2, metadata=_range(0.0))
+    act_lr: float = field(default=1e-3, metadata=_range(0.0))
+    activation_bits: int = field(default=LEARNED_ACTIVATION_BITS, metadata=_range(MIN_BITS, MAX_BITS))
+    check_crops: int = field(default=8, metadata=_range(1))
+    seed: int = 0
 
 
 @dataclass
@@ -312,7 +350,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # The paper's pipeline and nothing beyond it (docs/METHOD.md): dual-region activations with the honest
     # b-bit level allocation, per-tensor weight clips on the grid without zero (their shrink-search
     # initialization is part of every run), the paper's calibration statistics, no per-layer search, no
-    # learned rounding, no block reconstruction, and sensitivity-aware finetuning with the paper's settings.
+    # learned rounding, no block reconstruction, no distillation, and sensitivity-aware finetuning with the
+    # paper's settings.
     'paper': {
         'act_quantizer': 'dual_region', 'levels': 'paper', 'weight_granularity': 'tensor', 'weight_grid': 'paper',
         'protocol': 'full', 'end_bits': 8, 'integer_lattice': False,
@@ -321,6 +360,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         'search': {'enabled': False},
         'rounding': {'enabled': False},
         'reconstruction': {'enabled': False},
+        'distillation': {'enabled': False},
         'finetune': {'enabled': True, 'mode': 'sensitivity', 'epochs': 10, 'iters_per_epoch': 50, 'batch_size': 2,
                      'patch_size': 96, 'lr': 1e-3, 'lr_decay': 0.9, 'lr_mode': 'absolute', 'rec_weight': 5.0,
                      'sen_weight': 10.0, 'temperature': 1.0, 'taps': 'blocks', 'tap_patterns': []},
@@ -399,6 +439,7 @@ class OAQConfig:
         search: The per-layer search.
         rounding: Learned weight rounding.
         reconstruction: Block reconstruction.
+        distillation: Distillation of the whole network with trainable weights.
         finetune: Sensitivity-aware finetuning.
     """
 
@@ -420,6 +461,7 @@ class OAQConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:

@@ -72,7 +72,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # Calibration alone: the search and block reconstruction (on by default) are not what these tests are about.
-CALIBRATION_ONLY = {'search': {'enabled': False}, 'reconstruction': {'enabled': False}}
+CALIBRATION_ONLY = {'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+                    'distillation': {'enabled': False}}
 
 
 class TinySR(nn.Module):

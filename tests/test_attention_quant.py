@@ -192,9 +192,11 @@ def test_exclude_leaves_an_attention_in_float_and_networks_without_attention_are
 def test_block_reconstruction_learns_the_attention_operand_quantizers(swinir):
     options = {**CALIBRATION_ONLY, 'w_bits': 4, 'a_bits': 4, 'quantize_attention': True,
                'reconstruction': {'enabled': True, 'iterations': 20, 'num_samples': 4, 'patch_size': 16,
-                                  'batch_size': 2, 'max_layers': 4}}
+                                  'batch_size': 2, 'max_layers': 4},
+               'distillation': {'enabled': False}}
     from oaq_plugin.pipeline.run import run_pipeline
-    before = quantize(swinir, calib_batches(), {**options, 'reconstruction': {'enabled': False}})
+    before = quantize(swinir, calib_batches(), {**options, 'reconstruction': {'enabled': False},
+                                                 'distillation': {'enabled': False}})
     result = run_pipeline(swinir, calib_batches(), options)
     names = [block.name for block in result.reports['reconstruction'].blocks]
     # Each Swin transformer block (4 Linear layers and its attention matmuls) is one block.

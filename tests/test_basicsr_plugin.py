@@ -43,8 +43,9 @@ def shared_option_file(shared: Path, world: Path, name: str, **oaq_overrides) ->
     oaq = options['oaq']
     oaq['calib'].update(dataroot_lq=str(calib), num_batches=2, batch_size=2, patch_size=32)
     oaq['search'].update(num_samples=2, grid_size=4, refine_rounds=0)
-    # Block reconstruction (on in the shipped files) runs, briefly.
+    # Block reconstruction and distillation (on in the shipped files) run, briefly.
     oaq['reconstruction'].update(iterations=2, num_samples=2, patch_size=16, batch_size=1)
+    oaq['distillation'].update(iterations=2, patch_size=16, batch_size=1, check_crops=1)
     oaq['backend'] = 'fake'
     for key, value in oaq_overrides.items():
         if isinstance(value, dict):
@@ -219,7 +220,8 @@ def test_run_ends_with_a_summary_and_its_folder(plugin_run):
     log = next(results.glob('test_oaq_srvgg_small_*.log')).read_text()
     assert 'OAQ: calibrating SRVGGNetCompact on 4 images' in log and 'OAQ results on Set5 (2 images)' in log
     assert (results / 'run.txt').read_text().startswith(
-        'oaq_srvgg_small: W4A4 dual_region/paper, protocol full, stages calibrate+search+reconstruction, backend fake')
+        'oaq_srvgg_small: W4A4 dual_region/paper, protocol full, '
+        'stages calibrate+search+reconstruction+distillation, backend fake')
     assert stat.S_IMODE((results / 'oaq_report.json').stat().st_mode) == stat.S_IMODE(
         (results / 'quantized.pth').stat().st_mode)
 

@@ -25,6 +25,10 @@ def test_every_rung_is_a_valid_config_with_the_requested_finetuning(benchmark):
     assert rounding.rounding.enabled and rounding.weight_grid == 'zero' and rounding.finetune.enabled
     blocks = OAQConfig.from_dict(benchmark.rung_config('full_recon', args))
     assert blocks.reconstruction.enabled and not blocks.rounding.enabled and blocks.finetune.enabled
+    # Rungs named by their stages keep them whatever the defaults: no distillation unless named.
+    assert not blocks.distillation.enabled
+    assert not OAQConfig.from_dict(benchmark.rung_config('dual', args)).distillation.enabled
+    assert OAQConfig.from_dict(benchmark.rung_config('default', args)).distillation.enabled
     # The lattice rungs are the default recipe with the lattice on, nothing else changed.
     for plain, lattice in (('default', 'default_lattice'), ('default_w8a8', 'default_w8a8_lattice')):
         expected = OAQConfig.from_dict(benchmark.rung_config(plain, args)).replace(integer_lattice=True)
@@ -41,7 +45,8 @@ def test_markdown_renders_fp_quantized_and_failed_records(benchmark):
         {'model': 'imdn_x4', 'rung': 'full', 'label': 'W4A4 full',
          'metrics': {'Set5': {**metrics, 'fidelity_psnr': 35.0}},
          'timings': {'calibrate_s': 10.0, 'search_s': 5.0, 'rounding_s': 7.0, 'reconstruction_s': 9.0,
-                      'finetune_s': 20.0, 'validate_s': 1.0},
+                      'distillation_s': 30.0, 'finetune_s': 20.0, 'validate_s': 1.0},
+         'distillation': {'iterations': 400, 'student_vs_fp': 1.5},
          'finetune': {'iterations': 10, 'seconds_per_iteration': 2.0, 'fp_iteration_s': 1.0, 'student_vs_fp': 2.0},
          'peak_rss_mb': 1000.0},
         {'model': 'pan_x4', 'rung': 'dual', 'error': 'RuntimeError: boom', 'wall_s': 3.0},
@@ -50,5 +55,5 @@ def test_markdown_renders_fp_quantized_and_failed_records(benchmark):
                'sets': ['Set5'], 'ft_iters': 10, 'ft_patch': None, 'records': records}
     rows = [line for line in benchmark.markdown(payload) if line.startswith('| ')][1:]
     assert len(rows) == 3
-    assert '35.00' in rows[1] and '| 5 | 7 | 9 | 20 (10, 2.00x) |' in rows[1]
+    assert '35.00' in rows[1] and '| 5 | 7 | 9 | 30 (400, 1.50x) | 20 (10, 2.00x) |' in rows[1]
     assert 'failed: RuntimeError: boom' in rows[2]

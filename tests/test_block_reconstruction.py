@@ -25,6 +25,7 @@ OPTIONS = {
     'calib': {'num_batches': 3, 'batch_size': 4, 'patch_size': 12},
     'search': {'grid_size': 4, 'refine_rounds': 0, 'num_samples': 2, 'window': 8},
     'reconstruction': RECONSTRUCTION,
+    'distillation': {'enabled': False},
 }
 
 

@@ -20,7 +20,8 @@ import oaq_plugin
 from oaq_plugin.cli.main import main
 from oaq_plugin.errors import Interrupted
 
-QUICK = ['--set', 'search.enabled=false', '--set', 'reconstruction.enabled=false', '--set', 'calib.num_batches=2',
+QUICK = ['--set', 'search.enabled=false', '--set', 'reconstruction.enabled=false',
+         '--set', 'distillation.enabled=false', '--set', 'calib.num_batches=2',
          '--set', 'calib.batch_size=2',
          '--set', 'calib.patch_size=24', '--backend', 'reference']
 

@@ -15,6 +15,7 @@ from oaq_plugin.pipeline.run import run_pipeline
 from tiny_sr import TinyResSR, single_thread, tiny_images  # noqa: F401
 
 OPTIONS = {'w_bits': 8, 'a_bits': 8, 'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+           'distillation': {'enabled': False},
            'calib': {'patch_size': 12, 'batch_size': 4,
                                                                                'num_batches': 3}}
 

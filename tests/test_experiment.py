@@ -22,7 +22,7 @@ from oaq_plugin.pipeline.resume import StopRequest, load_state
 from tiny_sr import TinyResSR, single_thread, tiny_images  # noqa: F401 (autouse fixture)
 
 IMAGES = ('a', 'b')
-SMALL = {'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+SMALL = {'search': {'enabled': False}, 'reconstruction': {'enabled': False}, 'distillation': {'enabled': False},
          'calib': {'num_batches': 2, 'batch_size': 2, 'patch_size': 12},
          'backend': 'fake'}
 
@@ -175,7 +175,8 @@ def test_quantize_refuses_a_calibration_folder_it_would_not_read(tmp_path):
 
 def test_quantize_shows_progress_by_default_and_can_be_silenced(capfd):
     batches = PatchSource(tiny_images(2)).batches(2, 2, 12, 0)
-    config = OAQConfig(search={'enabled': False}, reconstruction={'enabled': False})
+    config = OAQConfig(search={'enabled': False}, reconstruction={'enabled': False},
+                       distillation={'enabled': False})
     quantize(TinyResSR().eval(), batches, config)
     assert 'calibrate' in capfd.readouterr().err
     quantize(TinyResSR().eval(), batches, config, progress=False)

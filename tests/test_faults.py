@@ -159,6 +159,8 @@ def test_fuzzed_options_run_or_fail_clearly(options):
     f.tap_samples = min(f.tap_samples, 2)
     r = config.reconstruction
     r.iterations, r.num_samples, r.patch_size, r.batch_size = min(r.iterations, 3), min(r.num_samples, 2), 8, 1
+    d = config.distillation
+    d.iterations, d.batch_size, d.patch_size, d.check_crops = min(d.iterations, 3), 1, 8, 2
     torch.manual_seed(0)
     batches = [torch.rand(2, 3, 16, 16) for _ in range(2)]
     try:

@@ -15,14 +15,15 @@ from tiny_sr import TinyResSR, calibrated_tiny, load_tool, tiny_images, single_t
 TINY = {'calib': {'num_batches': 1, 'batch_size': 4, 'patch_size': 12},
         'search': {'grid_size': 4, 'refine_rounds': 0, 'num_samples': 2, 'window': 8}}
 LEVERS = {'reconstruction': {'enabled': True, 'iterations': 5, 'num_samples': 4, 'patch_size': 12, 'max_layers': 2,
-                             'group_siblings': True, 'weight_clips': True, 'window': 8}}
+                             'group_siblings': True, 'weight_clips': True, 'window': 8},
+          'distillation': {'enabled': False}}
 
 
 def test_variants_are_merged_into_the_base_section_by_section():
     tool = load_tool('heldout_fidelity')
     config = tool.merged(tool.BASES['w8a8'], {'w_bits': 4, 'search': {'breakpoint': False}})
     assert config == {'w_bits': 4, 'a_bits': 8, 'search': {'enabled': False, 'breakpoint': False},
-                      'reconstruction': {'enabled': False}}
+                      'reconstruction': {'enabled': False}, 'distillation': {'enabled': False}}
     # The historical base measures calibration alone, whatever today's default stages are.
     assert not tool.OAQConfig.from_dict(tool.BASES['w8a8']).reconstruction.enabled
     assert tool.merged(tool.BASES['default'], {}) == {}
@@ -41,7 +42,8 @@ def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypat
     monkeypatch.setattr(tool, 'build_zoo_model', lambda key, shared: TinyResSR().eval())
     out = tmp_path / 'bench.json'
     assert tool.main(['--model', 'imdn_x2', '--base', 'default', '--json', str(out), '--per-layer',
-                      repr({**TINY, 'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': False}}),
+                      repr({**TINY, 'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': False},
+                            'distillation': {'enabled': False}}),
                       repr({**TINY, **LEVERS})]) == 0
     data = json.loads(out.read_text())
     assert data['base'] == 'default' and data['torch_threads'] == 1 and 'images 61-62' in data['held_out']

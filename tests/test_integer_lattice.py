@@ -167,6 +167,7 @@ def test_every_stage_keeps_the_lattice_and_backends_agree():
         'search': {'enabled': True, 'num_samples': 2, 'window': 8, 'grid_size': 4, 'refine_rounds': 0},
         'rounding': {'enabled': True, 'iterations': 5, 'num_samples': 2, 'window': 8, 'batch_size': 2},
         'reconstruction': {'enabled': True, 'iterations': 5, 'num_samples': 4, 'patch_size': 8, 'batch_size': 2},
+        'distillation': {'enabled': True, 'iterations': 5, 'patch_size': 8, 'batch_size': 2, 'check_crops': 2},
         'finetune': {'enabled': True, 'epochs': 3, 'iters_per_epoch': 1, 'batch_size': 1, 'patch_size': 12,
                      'tap_samples': 2}})
     qmodel = quantize(model, batches, config)

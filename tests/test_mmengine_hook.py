@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / 'options' / 'mmengine_oaq_srvgg_x4.py'
 REPORT_KEYS = {'config', 'layers', 'datasets', 'timings', 'peak_memory'}
 # Small enough for a CPU test: no search, two batches of two small patches.
-SMALL_OAQ = dict(search=dict(enabled=False), reconstruction=dict(enabled=False),
+SMALL_OAQ = dict(search=dict(enabled=False), reconstruction=dict(enabled=False), distillation=dict(enabled=False),
                  calib=dict(num_batches=2, batch_size=2, patch_size=24))
 SCALE = 2
 

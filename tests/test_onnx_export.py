@@ -67,7 +67,8 @@ def quantized(options, seed=0):
     model = EveryLayer().eval()
     images = tiny_images(count=4, size=24, seed=seed)
     batches = [torch.stack(images[:2]), torch.stack(images[2:])]
-    config = OAQConfig.from_dict({'search': {'enabled': False}, 'reconstruction': {'enabled': False}, **options})
+    config = OAQConfig.from_dict({'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+                                  'distillation': {'enabled': False}, **options})
     return exact_reference(quantize(model, batches, config))
 
 
@@ -173,7 +174,8 @@ def test_attention_matmuls_export(tmp_path):
                    num_heads=[2], mlp_ratio=2, upsampler='pixelshuffledirect', resi_connection='1conv').eval()
     images = tiny_images(count=4, size=16)
     config = OAQConfig.from_dict({'w_bits': 8, 'a_bits': 8, 'quantize_attention': True, 'integer_lattice': True,
-                                  'search': {'enabled': False}, 'reconstruction': {'enabled': False}})
+                                  'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+                                  'distillation': {'enabled': False}})
     qmodel = to_backend(quantize(model, [torch.stack(images[:2]), torch.stack(images[2:])], config), 'reference')
     x = torch.rand(1, 3, 16, 16)
     path = export_onnx(qmodel, tmp_path / 'swinir.onnx', x, dynamic=False)
@@ -209,7 +211,7 @@ def test_zoo_model_set5_psnr_through_onnx_runtime_equals_the_reference(shared, t
     calib_files = sorted((shared / 'data/calib/SunHays80/LR_bicubic/X4').glob('*.png'))[:8]
     batches = PatchSource([read_image(p) for p in calib_files]).batches(2, 4, 48, seed=0)
     config = OAQConfig.from_dict({'w_bits': 4, 'a_bits': 4, 'integer_lattice': True, 'search': {'enabled': False},
-                                  'reconstruction': {'enabled': False}})
+                                  'reconstruction': {'enabled': False}, 'distillation': {'enabled': False}})
     qmodel = to_backend(quantize(model, batches, config), 'reference')
     path = export_onnx(qmodel, tmp_path / 'imdn.onnx', torch.rand(1, 3, 32, 32))
     session = onnx_session(path)
@@ -259,6 +261,7 @@ def test_a_run_exports_and_validates_through_onnx_runtime(tmp_path):
     for backend, export in (('reference', True), ('onnxruntime', False)):
         options = OAQOptions.from_dict({
             'integer_lattice': True, 'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+            'distillation': {'enabled': False},
             'backend': backend, 'export': {'onnx': export},
             'calib': {'num_batches': 2, 'batch_size': 2, 'patch_size': 12, 'dataroot_lq': str(tmp_path / 'calib')}})
         out = tmp_path / backend

@@ -20,7 +20,8 @@ from real_checkpoints import image_pairs, rgb_pipeline_psnr, sunhays80
 def test_imdn_x4_w8a8_cost_on_set5(shared):
     model = build_zoo_model('imdn_x4', shared)
     qmodel = quantize(model, sunhays80(shared, 4), {'w_bits': 8, 'a_bits': 8, 'weight_grid': 'zero',
-                                                    'reconstruction': {'enabled': False}})
+                                                    'reconstruction': {'enabled': False},
+                                                    'distillation': {'enabled': False}})
     pairs = image_pairs(shared, 'Set5', 4)
     psnr = {'fp': rgb_pipeline_psnr(model, pairs, 4), 'quant': rgb_pipeline_psnr(qmodel, pairs, 4)}
     assert psnr['fp'] == pytest.approx(32.21, abs=0.01)

@@ -22,7 +22,7 @@ from tiny_sr import calibrated_tiny, tiny_images, single_thread  # noqa: F401  (
 RECONSTRUCTION = {'enabled': True, 'iterations': 40, 'num_samples': 4, 'patch_size': 12, 'batch_size': 2,
                   'max_layers': 2, 'lr': 5e-2}
 OPTIONS = {'w_bits': 3, 'a_bits': 3, 'calib': {'num_batches': 2, 'batch_size': 4, 'patch_size': 12},
-           'search': {'enabled': False}, 'reconstruction': RECONSTRUCTION}
+           'search': {'enabled': False}, 'reconstruction': RECONSTRUCTION, 'distillation': {'enabled': False}}
 
 
 class FlatSR(nn.Module):

@@ -23,7 +23,7 @@ from tiny_sr import TinyResSR, tiny_images, single_thread  # noqa: F401 (autouse
 OPTIONS = {
     'calib': {'num_batches': 3, 'batch_size': 4, 'patch_size': 12},
     'search': {'grid_size': 4, 'refine_rounds': 0, 'num_samples': 2, 'window': 8},
-    'reconstruction': {'enabled': False},
+    'reconstruction': {'enabled': False}, 'distillation': {'enabled': False},
     'finetune': {'enabled': True, 'epochs': 3, 'iters_per_epoch': 4, 'batch_size': 2, 'patch_size': 12,
                  'tap_samples': 4, 'lr': 1e-2},
 }

@@ -110,7 +110,8 @@ def test_center_search_moves_the_dense_region_on_skewed_inputs(skew):
 def test_search_disabled_keeps_the_percentile_initialization():
     model = OneConv().eval()
     batches = heavy_tailed_batches(0)
-    base = {'layer_bits': {'conv': 4}, 'search': {**SMALL}, 'reconstruction': {'enabled': False}}
+    base = {'layer_bits': {'conv': 4}, 'search': {**SMALL}, 'reconstruction': {'enabled': False},
+            'distillation': {'enabled': False}}
     plain = run_pipeline(model, batches, {**base, 'search': {**SMALL, 'enabled': False}})
     searched = run_pipeline(model, batches, base)
     assert 'search' not in plain.reports and 'search' in searched.reports

@@ -102,7 +102,8 @@ def test_allocation_respects_the_budget_and_favours_sensitive_layers():
 
 def test_allocation_against_uniform_end_to_end():
     model, _, source, _, batches = calibrated_tiny()
-    config = OAQConfig.from_dict({'search': TINY_SEARCH, 'reconstruction': {'enabled': False}})
+    config = OAQConfig.from_dict({'search': TINY_SEARCH, 'reconstruction': {'enabled': False},
+                                  'distillation': {'enabled': False}})
     holdout = tiny_images(2, size=16, seed=9)
     result = sensitivity_allocation(model, batches, holdout, config, crop_border=2,
                                     analysis=AnalysisConfig(allocation_offsets=[-1, 0, 1]))

@@ -49,8 +49,9 @@ def _quantize(world, case: str, bits: str = 'w8a8') -> Path:
     code = main(['quantize', str(checkpoint), '--calib', str(folders['calib']), '--bits', bits, '--quiet',
                  '--test', f"Tiny={folders['hr']}:{folders['lr']}", '--out', str(out), '--backend', 'reference',
                  '--set', 'calib.num_batches=2', '--set', 'calib.batch_size=2', '--set', 'calib.patch_size=24',
-                 # Every stage of the default recipe runs; block reconstruction briefly, to bound the suite's time.
-                 '--set', 'reconstruction.iterations=25'])
+                 # Every stage of the default recipe runs; block reconstruction and distillation briefly, to bound
+                 # the suite's time.
+                 '--set', 'reconstruction.iterations=25', '--set', 'distillation.iterations=25'])
     assert code == 0
     return out
 

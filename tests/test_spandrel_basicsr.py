@@ -26,7 +26,7 @@ def _option_file(root, folders, checkpoint, name):
         'val': {'save_img': False, 'pbar': False,
                 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 2, 'test_y_channel': True}}},
         'oaq': {'w_bits': 8, 'a_bits': 8, 'backend': 'fake', 'search': {'enabled': False},
-                'reconstruction': {'enabled': False},
+                'reconstruction': {'enabled': False}, 'distillation': {'enabled': False},
                 'calib': {'dataroot_lq': str(folders['calib']), 'num_batches': 2, 'batch_size': 2, 'patch_size': 24}},
     }
     path = root / f'{name}.yml'

@@ -27,7 +27,7 @@ from oaq_plugin.quant.seeding import seeded_generator
 from tiny_sr import calibrated_tiny, tiny_pipeline_world, single_thread  # noqa: F401 (autouse fixture)
 
 # Calibration only (3 batches, so 3 safe points), then the added stage.
-OPTIONS = {'search': {'enabled': False}, 'reconstruction': {'enabled': False}}
+OPTIONS = {'search': {'enabled': False}, 'reconstruction': {'enabled': False}, 'distillation': {'enabled': False}}
 
 
 @dataclass

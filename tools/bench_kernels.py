@@ -188,6 +188,7 @@ def quantized_conv(conv, calibration, w_bits: int, a_bits: int):
     import torch
     from oaq_plugin import OAQConfig, quantize
     config = OAQConfig.from_dict({'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+                                  'distillation': {'enabled': False},
                                   'layer_bits': {'*': [w_bits, a_bits]}})
     return quantize(torch.nn.Sequential(conv), [calibration], config, progress=False)[0]
 
@@ -578,7 +579,8 @@ def bench_network(settings: dict, sizes: Dict[str, tuple], variants: List[str], 
     calibration = [torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(i)).to(device) for i in range(2)]
     quantized = {}
     for variant in variants:
-        options = {'search': {'enabled': False}, 'reconstruction': {'enabled': False}, **E2E_VARIANTS[variant]}
+        options = {'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+                   'distillation': {'enabled': False}, **E2E_VARIANTS[variant]}
         options = lattice_config(options) if int8 else options
         qmodel = quantize(model, calibration, OAQConfig.from_dict(options), progress=False)
         snapped = snap_to_lattice(qmodel) if int8 else None
@@ -635,11 +637,12 @@ def bench_network(settings: dict, sizes: Dict[str, tuple], variants: List[str], 
 
 PIPELINE_MODELS = {'IMDN x4': NETWORKS['IMDN'], 'EDSR-M x4': NETWORKS['EDSR-M']}
 CPU_PIPELINE_MODELS = {'IMDN x4': CPU_CHECK_NETWORKS['IMDN'], 'EDSR-M x4': CPU_CHECK_NETWORKS['EDSR-M']}
-# Tiny settings of the CPU check: every stage runs, briefly.
+# Tiny settings of the CPU check: every stage the timing covers runs, briefly.
 CPU_PIPELINE_OPTIONS = {
     'calib': {'num_batches': 1, 'batch_size': 2, 'patch_size': 12},
     'search': {'grid_size': 2, 'refine_rounds': 0, 'num_samples': 1, 'window': 4},
     'reconstruction': {'enabled': True, 'iterations': 2, 'num_samples': 2, 'patch_size': 8, 'batch_size': 1},
+    'distillation': {'enabled': False},
 }
 
 
@@ -665,14 +668,15 @@ def calibration_images(calib_dir: Optional[str], cpu: bool):
 
 
 def bench_pipeline(models: Dict[str, dict], device, calib_dir: Optional[str], cpu: bool) -> List[dict]:
-    """Seconds of calibrate + search + block reconstruction (the defaults, reconstruction on) per model."""
+    """Seconds of calibrate + search + block reconstruction (the defaults, reconstruction on, distillation off) per
+    model."""
     import torch
     from oaq_plugin import OAQConfig
     from oaq_plugin.pipeline.io.patches import PatchSource
     from oaq_plugin.pipeline.run import run_pipeline
 
     images, description = calibration_images(calib_dir, cpu)
-    options = CPU_PIPELINE_OPTIONS if cpu else {'reconstruction': {'enabled': True}}
+    options = CPU_PIPELINE_OPTIONS if cpu else {'reconstruction': {'enabled': True}, 'distillation': {'enabled': False}}
     rows = []
     for label, settings in models.items():
         model, case_name = end_to_end_model(settings)
@@ -882,7 +886,8 @@ def run_sizes(args: argparse.Namespace) -> int:
     }
     # Sizes do not depend on calibrated values, so the converted (uncalibrated) model is saved directly.
     for (label, options), file_name in zip(variants.items(), ('w8a8', 'w4a4_full', 'w4a4_all')):
-        config = OAQConfig.from_dict({'search': {'enabled': False}, 'reconstruction': {'enabled': False}, **options})
+        config = OAQConfig.from_dict({'search': {'enabled': False}, 'reconstruction': {'enabled': False},
+                                      'distillation': {'enabled': False}, **options})
         qmodel = convert(model, config, torch.rand(1, 3, 8, 8))
         path = save_quantized(qmodel, out / f'srvgg_{file_name}.pth', config,
                               arch={'type': 'SRVGGNetCompact', **arch})

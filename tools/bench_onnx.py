@@ -97,7 +97,7 @@ def export_all(key: str, folder: Path, forms: bool) -> Dict[str, Path]:
     batches = calibration_batches()
     for row, options in QUANTIZED.items():
         config = OAQConfig.from_dict({**options, 'integer_lattice': True, 'search': {'enabled': False},
-                                      'reconstruction': {'enabled': False}})
+                                      'reconstruction': {'enabled': False}, 'distillation': {'enabled': False}})
         qmodel = quantize(model, batches, config)
         wanted = [form_row for form_row in FORMS if form_row == row or (forms and form_row.startswith(f'{row}_'))]
         for form_row in wanted or [row]:

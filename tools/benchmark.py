@@ -32,8 +32,10 @@ TEST_SETS = ('Set5', 'Set14')
 
 _FT = {'enabled': True}
 _NO_SEARCH = {'enabled': False}
-_NO_RECON = {'enabled': False}
-_RECON = {'enabled': True}
+# Neither block reconstruction nor distillation (the rungs measured before either existed).
+_NO_RECON = {'reconstruction': {'enabled': False}, 'distillation': {'enabled': False}}
+# Block reconstruction without distillation.
+_RECON = {'reconstruction': {'enabled': True}, 'distillation': {'enabled': False}}
 # (rung key, label, oaq overrides). Fully-quantized protocol and paper level allocation throughout; every rung
 # but ``paper`` and the ``default*`` ones names its stages, so that a change of the default recipe does
 # not change what a labelled rung runs. The finetuning length comes from --ft-iters.
@@ -44,38 +46,38 @@ RUNGS = {
     'default_lattice': ('W4A4 default recipe, integer lattice', {'integer_lattice': True}),
     'default_w8a8_lattice': ('W8A8 default recipe, integer lattice', {'w_bits': 8, 'a_bits': 8,
                                                                       'integer_lattice': True}),
-    'minmax': ('W4A4 MinMax', {'act_quantizer': 'minmax', 'search': _NO_SEARCH, 'reconstruction': _NO_RECON}),
+    'minmax': ('W4A4 MinMax', {'act_quantizer': 'minmax', 'search': _NO_SEARCH, **_NO_RECON}),
     'percentile': ('W4A4 Percentile', {'act_quantizer': 'percentile', 'search': _NO_SEARCH,
-                                       'reconstruction': _NO_RECON}),
-    'mse': ('W4A4 MSE', {'act_quantizer': 'mse', 'search': _NO_SEARCH, 'reconstruction': _NO_RECON}),
-    'mse_ft': ('W4A4 MSE + vanilla FT', {'act_quantizer': 'mse', 'search': _NO_SEARCH, 'reconstruction': _NO_RECON,
+                                       **_NO_RECON}),
+    'mse': ('W4A4 MSE', {'act_quantizer': 'mse', 'search': _NO_SEARCH, **_NO_RECON}),
+    'mse_ft': ('W4A4 MSE + vanilla FT', {'act_quantizer': 'mse', 'search': _NO_SEARCH, **_NO_RECON,
                                          'finetune': {**_FT, 'mode': 'vanilla'}}),
-    'dual': ('W4A4 dual-region', {'search': _NO_SEARCH, 'reconstruction': _NO_RECON}),
-    'dual_search': ('W4A4 dual-region + search', {'reconstruction': _NO_RECON}),
-    'dual_search_vft': ('W4A4 dual-region + search + vanilla FT', {'reconstruction': _NO_RECON,
+    'dual': ('W4A4 dual-region', {'search': _NO_SEARCH, **_NO_RECON}),
+    'dual_search': ('W4A4 dual-region + search', {**_NO_RECON}),
+    'dual_search_vft': ('W4A4 dual-region + search + vanilla FT', {**_NO_RECON,
                                                                    'finetune': {**_FT, 'mode': 'vanilla'}}),
-    'full': ('W4A4 full method (dual-region + search + SAFT)', {'reconstruction': _NO_RECON,
+    'full': ('W4A4 full method (dual-region + search + SAFT)', {**_NO_RECON,
                                                                 'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'dual_search_rounding': ('W4A4 dual-region + search + learned rounding (beyond the paper)',
-                             {'rounding': {'enabled': True}, 'reconstruction': _NO_RECON}),
+                             {'rounding': {'enabled': True}, **_NO_RECON}),
     'full_rounding': ('W4A4 full method + learned rounding (beyond the paper)',
-                      {'rounding': {'enabled': True}, 'reconstruction': _NO_RECON,
+                      {'rounding': {'enabled': True}, **_NO_RECON,
                        'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_rounding_zero': ('W4A4 full method + learned rounding + zero-level weight grid (beyond the paper)',
-                           {'weight_grid': 'zero', 'rounding': {'enabled': True}, 'reconstruction': _NO_RECON,
+                           {'weight_grid': 'zero', 'rounding': {'enabled': True}, **_NO_RECON,
                             'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'dual_search_recon': ('W4A4 dual-region + search + block reconstruction (beyond the paper)',
-                          {'reconstruction': _RECON, 'finetune': {'enabled': False}}),
+                          {**_RECON, 'finetune': {'enabled': False}}),
     'full_recon': ('W4A4 full method + block reconstruction (beyond the paper)',
-                   {'reconstruction': _RECON, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
-    'full_w8a8': ('W8A8 full method', {'w_bits': 8, 'a_bits': 8, 'reconstruction': _NO_RECON,
+                   {**_RECON, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
+    'full_w8a8': ('W8A8 full method', {'w_bits': 8, 'a_bits': 8, **_NO_RECON,
                                        'finetune': {**_FT, 'mode': 'sensitivity'}}),
-    'full_w6a6': ('W6A6 full method', {'w_bits': 6, 'a_bits': 6, 'reconstruction': _NO_RECON,
+    'full_w6a6': ('W6A6 full method', {'w_bits': 6, 'a_bits': 6, **_NO_RECON,
                                        'finetune': {**_FT, 'mode': 'sensitivity'}}),
-    'full_w3a3': ('W3A3 full method', {'w_bits': 3, 'a_bits': 3, 'reconstruction': _NO_RECON,
+    'full_w3a3': ('W3A3 full method', {'w_bits': 3, 'a_bits': 3, **_NO_RECON,
                                        'finetune': {**_FT, 'mode': 'sensitivity'}}),
     'full_pwlq': ('W4A5 full method, pwlq levels (4-bit weights, 2^5 activation codes)',
-                  {'levels': 'pwlq', 'reconstruction': _NO_RECON, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
+                  {'levels': 'pwlq', **_NO_RECON, 'finetune': {**_FT, 'mode': 'sensitivity'}}),
 }
 
 
@@ -223,6 +225,16 @@ def run_worker(spec: dict) -> dict:
                                                                       config.finetune.patch_size, entry.scale)}
             model.eval()
             record['finetune']['student_vs_fp'] = ft.seconds_per_iteration / record['finetune']['fp_iteration_s']
+        distilled = result.reports.get('distillation')
+        if distilled is not None and distilled.iterations:
+            fp_seconds = iteration_seconds(model.train(), config.distillation.batch_size,
+                                           config.distillation.patch_size, entry.scale)
+            model.eval()
+            record['distillation'] = {'iterations': distilled.iterations, 'kept': distilled.kept,
+                                      'gain_db': distilled.derived()['gain_db'],
+                                      'seconds_per_iteration': distilled.seconds_per_iteration,
+                                      'fp_iteration_s': fp_seconds,
+                                      'student_vs_fp': distilled.seconds_per_iteration / fp_seconds}
     record['peak_rss_mb'] = peak_rss_mb()
     record['model_rss_mb'] = base_rss
     return record
@@ -260,6 +272,9 @@ STAGE_DETAILS = {
     'finetune': (' (iters, student/FP iter)',
                  lambda r: f" ({r['finetune']['iterations']}, {r['finetune']['student_vs_fp']:.2f}x)"
                  if r.get('finetune') else ''),
+    'distillation': (' (iters, student/FP iter)',
+                     lambda r: f" ({r['distillation']['iterations']}, {r['distillation']['student_vs_fp']:.2f}x)"
+                     if r.get('distillation', {}).get('iterations') else ''),
 }
 
 

@@ -38,12 +38,13 @@ from oaq_plugin.quant.region_grid import MIN_STEP  # noqa: E402
 MODELS = ('imdn_x4', 'rfdn_x4', 'pan_x4', 'carn_m_x4', 'fsrcnn_x4', 'srvgg_x4')
 CALIBRATION_IMAGES = 60
 _FINETUNE = {'enabled': True, 'epochs': 10, 'iters_per_epoch': 10, 'patch_size': 48, 'batch_size': 2}
-_NO_RECON = {'enabled': False}  # the threshold was measured on runs without block reconstruction
+_OFF = {'enabled': False}  # the threshold was measured on runs without block reconstruction or distillation
 CONFIGS = {
-    'W8A8': {'w_bits': 8, 'a_bits': 8, 'reconstruction': _NO_RECON},
-    'W4A4': {'reconstruction': _NO_RECON},
-    'W4A4_minmax': {'act_quantizer': 'minmax', 'search': {'enabled': False}, 'reconstruction': _NO_RECON},
-    'W4A4_full': {'finetune': _FINETUNE, 'reconstruction': _NO_RECON},
+    'W8A8': {'w_bits': 8, 'a_bits': 8, 'reconstruction': _OFF, 'distillation': _OFF},
+    'W4A4': {'reconstruction': _OFF, 'distillation': _OFF},
+    'W4A4_minmax': {'act_quantizer': 'minmax', 'search': {'enabled': False}, 'reconstruction': _OFF,
+                                                                             'distillation': _OFF},
+    'W4A4_full': {'finetune': _FINETUNE, 'reconstruction': _OFF, 'distillation': _OFF},
 }
 
 

@@ -8,8 +8,8 @@ Usage::
 Calibrates on the first 60 SunHays80 LR images (6 batches of 16 crops, 96 px) and measures fidelity
 PSNR-Y (crop = scale) of the quantized output against the float output on 128-px centre crops of the
 other 20 SunHays80 images: a held-out signal, so option choices made with it never see a test set.
-Each variant is its overrides on a base: ``--base w8a8`` (the default of this tool) is W8A8 with the search
-and block reconstruction disabled (calibration only, what the tool's earlier tables measured), ``--base
+Each variant is its overrides on a base: ``--base w8a8`` (the default of this tool) is W8A8 with the search,
+block reconstruction and distillation disabled (calibration only, what the tool's earlier tables measured), ``--base
 default`` is ``OAQConfig()`` (today's recipe); any key, a preset, any stage or any
 reconstruction lever can be overridden, e.g.
 ``"{'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': True, 'group_siblings': True}}"``.
@@ -51,10 +51,11 @@ from oaq_plugin.quant import quant_layers  # noqa: E402
 CALIBRATION_IMAGES = 60
 HELD_OUT_CROP = 128
 ROOT = Path(__file__).resolve().parents[1]
-# The bases variants are given on: this tool's historical W8A8, calibration only (no search and no
-# reconstruction, as when its first tables were measured), and today's defaults.
+# The bases variants are given on: this tool's historical W8A8, calibration only (no search, no
+# reconstruction and no distillation, as when its first tables were measured), and today's defaults.
 BASES: Dict[str, Dict[str, Any]] = {'w8a8': {'w_bits': 8, 'a_bits': 8, 'search': {'enabled': False},
-                                             'reconstruction': {'enabled': False}},
+                                             'reconstruction': {'enabled': False},
+                                             'distillation': {'enabled': False}},
                                     'default': {}}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..config import OAQOptions
+from ..pipeline.run import stage_names
 
 REPORT_FILE = 'oaq_report.json'
 QUANTIZED_FILE = 'quantized.pth'
@@ -39,8 +40,7 @@ def run_note(options: OAQOptions, name: Optional[str] = None, preset: Optional[s
     Example: ``oaq_srvgg_x4: W4A4 dual_region/paper, protocol full, stages calibrate+search, backend auto``.
     """
     method = options.method
-    stages = ['calibrate'] + [stage for stage in ('search', 'rounding', 'reconstruction', 'finetune')
-                              if getattr(method, stage).enabled]
+    stages = ['calibrate'] + [stage for stage in stage_names()[1:] if getattr(method, stage).enabled]
     quantizer = method.act_quantizer + (f'/{method.levels}' if method.act_quantizer == 'dual_region' else '')
     parts = [f'W{method.w_bits}A{method.a_bits} {quantizer}'] + ([f'preset {preset}'] if preset else [])
     parts += [f'protocol {method.protocol}', f"stages {'+'.join(stages)}", f'backend {options.run.backend}']

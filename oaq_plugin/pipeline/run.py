@@ -18,13 +18,14 @@ from .resume import DONE, PathLike, PipelineCheckpoint, SafePoint, StopRequest, 
 from .stages.base import Stage, StageContext, StageReport, no_safe_point
 from .stages.block_reconstruction import ReconstructionStage
 from .stages.calibrate import CalibrateStage, model_device
+from .stages.distillation import DistillationStage
 from .stages.finetune import FinetuneStage
 from .stages.learned_rounding import RoundingStage
 from .stages.search import SearchStage
 
 # The stages in the order they run: the one list a new stage is added to.
 STAGES: Tuple[Stage, ...] = (CalibrateStage(), SearchStage(), RoundingStage(), ReconstructionStage(),
-                             FinetuneStage())
+                             DistillationStage(), FinetuneStage())
 
 CalibrationData = Union[PatchSource, Iterable[torch.Tensor]]
 

@@ -194,3 +194,18 @@ def unit_by_unit(context: StageContext, report: UnitReport,
         qmodel.train(was_training)
     report.seconds = previous_seconds + time.perf_counter() - start
     return report
+
+
+@contextlib.contextmanager
+def only_trained(model: nn.Module, trained: Sequence[torch.Tensor]) -> Iterator[None]:
+    """While active, no parameter of ``model`` but ``trained`` asks for gradients (a float PReLU, a weight
+    clip not being trained, would otherwise collect them)."""
+    keep = {id(p) for p in trained}
+    others = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
+    for p in others:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in others:
+            p.requires_grad_(True)

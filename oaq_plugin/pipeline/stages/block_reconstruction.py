@@ -43,7 +43,8 @@ from ...quant.layers import QuantLayer, quant_layers
 from ...quant.region_grid import MIN_STEP
 from ...quant.seeding import seeded_generator
 from ..capture.layer_capture import StopForward, call_counts
-from .base import Record, Stage, StageContext, Unit, UnitReport, calibration_samples, unit_by_unit
+from .base import (Record, Stage, StageContext, Unit, UnitReport, calibration_samples, only_trained,
+                   unit_by_unit)
 from .learned_rounding import beta_at, initial_variables, regulariser, soft_choice
 from .search import relative_error
 
@@ -581,21 +582,6 @@ class NetworkTerm:
         return total / self.inputs.shape[0]
 
 
-@contextlib.contextmanager
-def _only_trained(model: nn.Module, trained: Sequence[torch.Tensor]) -> Iterator[None]:
-    """While active, no parameter of ``model`` but ``trained`` asks for gradients (a float PReLU after
-    the block would otherwise collect them)."""
-    keep = {id(p) for p in trained}
-    others = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
-    for p in others:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in others:
-            p.requires_grad_(True)
-
-
 def reconstruct_block(name: str, block: nn.Module, calls: Sequence[Call], targets: Sequence[Any],
                       settings: ReconstructionConfig, network_size: Optional[Sequence[int]] = None,
                       network: Optional[NetworkTerm] = None) -> BlockReconstruction:
@@ -652,7 +638,7 @@ def reconstruct_block(name: str, block: nn.Module, calls: Sequence[Call], target
         try:
             with _soft_weights(layers, soft), fast_fake_quantization(block), \
                     _dropped_quantization(quantizers, settings.drop_prob, generator), torch.enable_grad(), \
-                    (_only_trained(network.model, trained) if network is not None else contextlib.nullcontext()):
+                    (only_trained(network.model, trained) if network is not None else contextlib.nullcontext()):
                 for iteration in range(settings.iterations):
                     picks = torch.randperm(samples, generator=generator)[:batch]
                     loss = 0.0

@@ -1,0 +1,145 @@
+"""Distillation with trainable weights: it lowers the output error on inputs it never trained on, keeps every
+weight on its grid, is undone when it does not help, skips what it cannot train, and resumes exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from oaq_plugin import Interrupted, run_pipeline
+from oaq_plugin.config import OAQConfig
+from oaq_plugin.pipeline.io.export import load_quantized, save_quantized
+from oaq_plugin.pipeline.io.patches import PatchSource
+from oaq_plugin.pipeline.resume import load_state
+from oaq_plugin.pipeline.stages.base import StageContext
+from oaq_plugin.pipeline.stages.distillation import distill
+from oaq_plugin.quant.layers import quant_layers
+from tiny_sr import TinyResSR, tiny_images, single_thread  # noqa: F401  (autouse fixture)
+
+DISTILLATION = {'iterations': 200, 'patch_size': 16, 'batch_size': 4, 'check_crops': 4}
+OPTIONS = {'calib': {'num_batches': 3, 'batch_size': 4, 'patch_size': 12}, 'search': {'enabled': False},
+           'reconstruction': {'enabled': False}, 'distillation': DISTILLATION}
+
+
+def world(options=OPTIONS, model=None):
+    torch.manual_seed(0)
+    model = (model or TinyResSR()).eval()
+    source = PatchSource(tiny_images(count=8))
+    return model, source, OAQConfig.from_dict(options)
+
+
+def without_distillation(options):
+    return {**options, 'distillation': {'enabled': False}}
+
+
+def held_out_error(fp_model, qmodel):
+    """Relative output error on inputs neither calibration nor distillation saw."""
+    x = torch.stack(tiny_images(count=4, size=20, seed=7))
+    with torch.no_grad():
+        target = fp_model(x)
+        return float(((qmodel(x) - target) ** 2).sum() / (target ** 2).sum())
+
+
+def test_distillation_lowers_the_held_out_output_error():
+    model, source, config = world()
+    plain = run_pipeline(model, source, without_distillation(OPTIONS)).model
+    result = run_pipeline(model, source, config)
+    report = result.reports['distillation']
+    assert report.kept and report.iterations == 200 and report.weight_layers == len(quant_layers(result.model))
+    # Every 4-bit activation grid trains (the 8-bit first, last and upsampler inputs do not).
+    assert report.activation_quantizers == sum(layer.act_quantizer.bits <= 6 for _, layer in quant_layers(plain))
+    assert report.error_after < report.error_before
+    assert held_out_error(model, result.model) < 0.9 * held_out_error(model, plain)
+    assert result.timings['distillation_s'] > 0
+    assert result.report_dicts()['distillation']['gain_db'] > 0
+
+
+def test_distilled_weights_stay_on_their_grids_and_move(tmp_path):
+    model, source, config = world()
+    plain = run_pipeline(model, source, without_distillation(OPTIONS)).model
+    distilled = run_pipeline(model, source, config).model
+    # What was learned travels in the saved checkpoint: the loaded model gives the same output bit for bit.
+    save_quantized(distilled, tmp_path / 'q.pth', config)
+    loaded = load_quantized(tmp_path / 'q.pth', TinyResSR().eval())
+    x = torch.stack(tiny_images(count=2, size=16, seed=3))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), distilled(x))
+    moved = 0
+    for (name, layer), (_, before) in zip(quant_layers(distilled), quant_layers(plain)):
+        codes, step, zero_point = layer.weight_quantizer.integer_codes(layer.weight)
+        assert torch.equal((codes.float() - zero_point) * step, layer.quantized_weight()), name
+        old_codes, _, _ = before.weight_quantizer.integer_codes(before.weight)
+        moved += int((codes != old_codes).sum())
+        # The clips stay as searched: only the weights moved.
+        assert torch.equal(layer.weight_quantizer.clip, before.weight_quantizer.clip), name
+    assert moved > 0
+
+
+def test_distillation_that_does_not_help_is_undone():
+    # Steps of 50 quantization steps an iteration wreck the weights: the output error rises, and every
+    # weight and activation parameter goes back to where the stage found it.
+    options = {**OPTIONS, 'distillation': {**DISTILLATION, 'weight_lr': 50.0, 'act_lr': 5.0}}
+    model, source, config = world(options)
+    plain = run_pipeline(model, source, without_distillation(options)).model
+    result = run_pipeline(model, source, config)
+    assert not result.reports['distillation'].kept
+    x = torch.stack(tiny_images(count=2, size=16, seed=3))
+    with torch.no_grad():
+        assert torch.equal(result.model(x), plain(x))
+    for (name, layer), (_, before) in zip(quant_layers(result.model), quant_layers(plain)):
+        assert torch.equal(layer.quantized_weight(), before.quantized_weight()), name
+        for key, value in before.act_quantizer.named_parameters():
+            assert torch.equal(dict(layer.act_quantizer.named_parameters())[key], value), (name, key)
+
+
+class TwoOutputs(TinyResSR):
+    def forward(self, x):
+        out = super().forward(x)
+        return out, out.mean()
+
+
+class TiedWeights(TinyResSR):
+    """``block2.conv2`` shares ``block2.conv1``'s weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.block2.conv2.weight = self.block2.conv1.weight
+
+
+def test_a_network_without_one_output_tensor_is_skipped_with_the_reason():
+    model, source, config = world()
+    qmodel = run_pipeline(model, source, without_distillation(OPTIONS)).model
+    teacher = TwoOutputs().eval()
+    teacher.load_state_dict(model.state_dict())
+    report = distill(StageContext(qmodel=qmodel, batches=(), config=config, float_model=teacher, source=source))
+    assert not report.kept and report.iterations == 0 and 'not one tensor' in report.skipped
+    assert 'skipped' in report.summary()
+
+
+def test_tied_weights_stay_as_the_earlier_stages_left_them():
+    model, source, config = world(model=TiedWeights())
+    result = run_pipeline(model, source, config)
+    layers = dict(quant_layers(result.model))
+    assert result.reports['distillation'].weight_layers == len(layers) - 2
+    assert torch.equal(layers['block2.conv1'].weight, model.block2.conv1.weight)
+
+
+def test_distillation_stopped_resumes_to_identical_parameters(tmp_path):
+    from test_resume import StopAtCheck, assert_same_result
+    model, source, config = world()
+    reference = run_pipeline(model, source, config)
+    path = tmp_path / 'state.pth'
+    # Safe points: 3 calibration batches, then one before each distillation iteration.
+    with pytest.raises(Interrupted):
+        run_pipeline(model, source, config, state_path=path, stop=StopAtCheck(3 + 17))
+    state = load_state(path)
+    assert state['stage'] == 'distillation' and state['progress']['iteration'] == 16
+    resumed = run_pipeline(model, source, config, state_path=path, resume=True)
+    assert_same_result(resumed, reference)
+    a, b = resumed.reports['distillation'], reference.reports['distillation']
+    assert (a.error_before, a.error_after, a.kept, a.losses) == (b.error_before, b.error_after, b.kept, b.losses)
+
+
+def test_the_paper_preset_does_not_distil():
+    assert OAQConfig().distillation.enabled
+    assert not OAQConfig.from_dict({'preset': 'paper'}).distillation.enabled
