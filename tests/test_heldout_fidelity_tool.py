@@ -16,7 +16,7 @@ TINY = {'calib': {'num_batches': 1, 'batch_size': 4, 'patch_size': 12},
         'search': {'grid_size': 4, 'refine_rounds': 0, 'num_samples': 2, 'window': 8}}
 LEVERS = {'reconstruction': {'enabled': True, 'iterations': 5, 'num_samples': 4, 'patch_size': 12, 'max_layers': 2,
                              'group_siblings': True, 'weight_clips': True, 'window': 8},
-          'distillation': {'enabled': False}}
+          'distillation': {'enabled': True, 'iterations': 2, 'batch_size': 1, 'patch_size': 8, 'check_crops': 1}}
 
 
 def test_variants_are_merged_into_the_base_section_by_section():
@@ -55,6 +55,9 @@ def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypat
     assert plain['reconstruction'] is None and plain['config']['search']['enabled']
     assert levers['config']['reconstruction']['group_siblings'] and levers['stage_seconds']['reconstruction_s'] > 0
     assert levers['reconstruction']['blocks']
+    # Distillation's report (its check-crop errors and whether it was kept) is in the record when it ran.
+    assert plain['distillation'] is None and levers['distillation']['iterations'] == 2
+    assert np.isfinite(levers['distillation']['error_before'])
     # Each layer's share: both parts of every quantized layer, largest gain first, and leaving a part
     # unquantized changes the output (the bypass is real and is undone afterwards).
     rows = plain['per_layer']

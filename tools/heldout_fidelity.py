@@ -15,8 +15,8 @@ reconstruction lever can be overridden, e.g.
 ``"{'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': True, 'group_siblings': True}}"``.
 Sections are merged key by key into the base's. ``--per-layer`` adds, per quantized layer, the fidelity gained
 with only its activations or only its weights left unquantized: where the error of a variant comes from.
-Every variant's numbers, its whole config and its seconds
-per stage go to a JSON file (``--json``; by default ``docs/bench/heldout_<model>_<time>.json``).
+Every variant's numbers, its whole config, its seconds per stage and the reports of block reconstruction
+and distillation (whether each was kept, its errors before and after) go to a JSON file (``--json``; by default ``docs/bench/heldout_<model>_<time>.json``).
 """
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
             log(f'{extra} activations only {scores["activations_only"]:.3f}')
         record = {'overrides': extra, 'config': config.to_dict(), 'fidelity_psnr_y': scores,
                   'stage_seconds': dict(result.timings), 'quantize_seconds': seconds,
-                  'reconstruction': result.report_dicts().get('reconstruction')}
+                  'reconstruction': result.report_dicts().get('reconstruction'),
+                  'distillation': result.report_dicts().get('distillation')}
         if per_layer:
             record['per_layer'] = per_layer_costs(qmodel, fidelity, scores['all'], log)
         records.append(record)
