@@ -1,5 +1,6 @@
-"""Distillation with trainable weights: it lowers the output error on inputs it never trained on, keeps every
-weight on its grid, is undone when it does not help, skips what it cannot train, and resumes exactly."""
+"""Distillation with trainable weights: it lowers the output error on inputs it never trained on, starts from
+the codes the earlier stages chose, keeps every weight on its grid, is undone when it does not help, skips
+what it cannot train, and resumes exactly."""
 from __future__ import annotations
 
 import pytest
@@ -143,3 +144,27 @@ def test_distillation_stopped_resumes_to_identical_parameters(tmp_path):
 def test_the_paper_preset_does_not_distil():
     assert OAQConfig().distillation.enabled
     assert not OAQConfig.from_dict({'preset': 'paper'}).distillation.enabled
+
+
+def test_the_start_keeps_the_codes_that_learned_rounding_chose():
+    # Learned rounding (inside block reconstruction) rounds some weights away from nearest; distillation drops
+    # it and starts each weight inside its code's interval, so with nothing learned every code is unchanged.
+    reconstruction = {'enabled': True, 'iterations': 20, 'num_samples': 4, 'patch_size': 12, 'batch_size': 2}
+    options = {**OPTIONS, 'reconstruction': reconstruction}
+    model, source, config = world({**options, 'distillation': {**DISTILLATION, 'iterations': 3, 'weight_lr': 0.0,
+                                                                'act_lr': 0.0}})
+    reconstructed = run_pipeline(model, source, without_distillation(options)).model
+    layers = dict(quant_layers(reconstructed))
+    away = 0
+    for layer in layers.values():
+        quantizer = layer.weight_quantizer
+        nearest = torch.round(quantizer.grid_position(layer.weight, quantizer.effective_clip(quantizer.clip)))
+        away += int((quantizer.integer_codes(layer.weight)[0].float() != nearest).sum())
+    assert away > 0  # the case the start is for
+    result = run_pipeline(model, source, config)
+    assert not result.reports['distillation'].kept
+    for name, layer in quant_layers(result.model):
+        assert torch.equal(layer.quantized_weight(), layers[name].quantized_weight()), name
+    x = torch.stack(tiny_images(count=2, size=20, seed=3))
+    with torch.no_grad():
+        assert torch.equal(result.model(x), reconstructed(x))
