@@ -179,6 +179,15 @@ def iteration_seconds(net, batch_size: int, patch: int, scale: int, repeats: int
     return statistics.median(times)
 
 
+def iteration_cost(report, model, settings, scale: int) -> dict:
+    """A training stage's iterations and the seconds of one, against one float training iteration of
+    ``model`` on the stage's batch (``settings.batch_size`` crops of ``settings.patch_size``)."""
+    fp_seconds = iteration_seconds(model.train(), settings.batch_size, settings.patch_size, scale)
+    model.eval()
+    return {'iterations': report.iterations, 'seconds_per_iteration': report.seconds_per_iteration,
+            'fp_iteration_s': fp_seconds, 'student_vs_fp': report.seconds_per_iteration / fp_seconds}
+
+
 def run_worker(spec: dict) -> dict:
     import torch
 
@@ -220,21 +229,11 @@ def run_worker(spec: dict) -> dict:
                 record[name][report.ENTRIES] = len(report.entries)
         ft = result.reports.get('finetune')
         if ft is not None:
-            record['finetune'] = {'iterations': ft.iterations, 'seconds_per_iteration': ft.seconds_per_iteration,
-                                  'fp_iteration_s': iteration_seconds(model.train(), config.finetune.batch_size,
-                                                                      config.finetune.patch_size, entry.scale)}
-            model.eval()
-            record['finetune']['student_vs_fp'] = ft.seconds_per_iteration / record['finetune']['fp_iteration_s']
+            record['finetune'] = iteration_cost(ft, model, config.finetune, entry.scale)
         distilled = result.reports.get('distillation')
         if distilled is not None and distilled.iterations:
-            fp_seconds = iteration_seconds(model.train(), config.distillation.batch_size,
-                                           config.distillation.patch_size, entry.scale)
-            model.eval()
-            record['distillation'] = {'iterations': distilled.iterations, 'kept': distilled.kept,
-                                      'gain_db': distilled.derived()['gain_db'],
-                                      'seconds_per_iteration': distilled.seconds_per_iteration,
-                                      'fp_iteration_s': fp_seconds,
-                                      'student_vs_fp': distilled.seconds_per_iteration / fp_seconds}
+            record['distillation'] = {'kept': distilled.kept, 'gain_db': distilled.derived()['gain_db'],
+                                      **iteration_cost(distilled, model, config.distillation, entry.scale)}
     record['peak_rss_mb'] = peak_rss_mb()
     record['model_rss_mb'] = base_rss
     return record
@@ -267,15 +266,15 @@ def run_one(spec: dict, out: Path) -> dict:
     return record
 
 
+def _iteration_detail(stage: str):
+    """(header suffix, cell suffix from a record) of a training stage's timing cell."""
+    return (' (iters, student/FP iter)',
+            lambda r: f" ({r[stage]['iterations']}, {r[stage]['student_vs_fp']:.2f}x)"
+            if r.get(stage, {}).get('iterations') else '')
+
+
 # What a stage's timing cell adds from the record (a stage not named here shows its seconds only).
-STAGE_DETAILS = {
-    'finetune': (' (iters, student/FP iter)',
-                 lambda r: f" ({r['finetune']['iterations']}, {r['finetune']['student_vs_fp']:.2f}x)"
-                 if r.get('finetune') else ''),
-    'distillation': (' (iters, student/FP iter)',
-                     lambda r: f" ({r['distillation']['iterations']}, {r['distillation']['student_vs_fp']:.2f}x)"
-                     if r.get('distillation', {}).get('iterations') else ''),
-}
+STAGE_DETAILS = {stage: _iteration_detail(stage) for stage in ('finetune', 'distillation')}
 
 
 def markdown(payload: dict) -> List[str]:

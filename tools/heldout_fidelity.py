@@ -142,10 +142,10 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
             with bypassed(layer.weight_quantizer for _, layer in quant_layers(qmodel)):
                 scores['activations_only'] = fidelity(qmodel)
             log(f'{extra} activations only {scores["activations_only"]:.3f}')
+        reports = result.report_dicts()
         record = {'overrides': extra, 'config': config.to_dict(), 'fidelity_psnr_y': scores,
                   'stage_seconds': dict(result.timings), 'quantize_seconds': seconds,
-                  'reconstruction': result.report_dicts().get('reconstruction'),
-                  'distillation': result.report_dicts().get('distillation')}
+                  'reconstruction': reports.get('reconstruction'), 'distillation': reports.get('distillation')}
         if per_layer:
             record['per_layer'] = per_layer_costs(qmodel, fidelity, scores['all'], log)
         records.append(record)

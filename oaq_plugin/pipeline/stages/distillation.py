@@ -33,6 +33,7 @@ from ...quant.observer import all_finite
 from ...quant.seeding import seeded_generator
 from ..io.patches import PatchSource
 from .base import Stage, StageContext, StageReport, only_trained
+from .search import relative_error
 
 logger = logging.getLogger('oaq_plugin')
 
@@ -147,16 +148,27 @@ def _activation_parameters(qmodel: nn.Module, max_bits: int) -> List[Tuple[str, 
     return params
 
 
-def _relative_error(qmodel: nn.Module, fp_model: nn.Module, crops: torch.Tensor, chunk: int) -> float:
-    """Squared output error over the float output's energy, summed over ``crops`` (in chunks)."""
+@torch.no_grad()
+def _float_outputs(fp_model: nn.Module, crops: torch.Tensor, chunk: int) -> Optional[List[torch.Tensor]]:
+    """The float network's output on ``crops``, one tensor per chunk; ``None`` when its output is not one
+    tensor."""
+    outputs = []
+    for start in range(0, crops.shape[0], chunk):
+        output = fp_model(crops[start:start + chunk])
+        if not isinstance(output, torch.Tensor):
+            return None
+        outputs.append(output.double())
+    return outputs
+
+
+@torch.no_grad()
+def _check_error(qmodel: nn.Module, crops: torch.Tensor, targets: List[torch.Tensor], chunk: int) -> float:
+    """Squared output error on ``crops`` (in chunks) over the energy of the float outputs ``targets``."""
     error = energy = 0.0
-    with torch.no_grad():
-        for start in range(0, crops.shape[0], chunk):
-            x = crops[start:start + chunk]
-            target = fp_model(x).double()
-            error += float(((qmodel(x).double() - target) ** 2).sum())
-            energy += float((target ** 2).sum())
-    return error / max(energy, 1e-30)
+    for start, target in zip(range(0, crops.shape[0], chunk), targets):
+        error += float(((qmodel(crops[start:start + chunk]).double() - target) ** 2).sum())
+        energy += float((target ** 2).sum())
+    return relative_error(error, energy)
 
 
 @contextlib.contextmanager
@@ -213,11 +225,11 @@ def distill(context: StageContext) -> DistillationReport:
             model.eval()
         check = source.batch(settings.check_crops, settings.patch_size,
                              seeded_generator(settings.seed, 'distillation check')).to(device)
-        with torch.no_grad():
-            if not isinstance(fp_model(check[:1]), torch.Tensor):
-                report.skipped = "the network's output is not one tensor"
-                logger.info('distillation skipped: %s', report.skipped)
-                return report
+        targets = _float_outputs(fp_model, check, settings.batch_size)
+        if targets is None:
+            report.skipped = "the network's output is not one tensor"
+            logger.info('distillation skipped: %s', report.skipped)
+            return report
         act_params = _activation_parameters(qmodel, settings.activation_bits)
         trainable = _trainable_weights(qmodel)
         if not trainable and not act_params:
@@ -235,7 +247,7 @@ def distill(context: StageContext) -> DistillationReport:
         saved = context.saved
         if saved is None:
             initial = {name: p.detach().clone() for name, p, _ in act_params}
-            report.error_before = _relative_error(qmodel, fp_model, check, settings.batch_size)
+            report.error_before = _check_error(qmodel, check, targets, settings.batch_size)
             first, previous_seconds = 0, 0.0
         else:
             initial = dict(saved['initial'])
@@ -267,7 +279,7 @@ def distill(context: StageContext) -> DistillationReport:
             batch = source.batch(settings.batch_size, settings.patch_size, generator, augment=True).to(device)
             with torch.no_grad():
                 target = fp_model(batch)
-            loss = ((qmodel(batch) - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-30)
+            loss = relative_error(((qmodel(batch) - target) ** 2).mean(), float((target ** 2).mean()))
             if not all_finite(loss):
                 failed = f'non-finite loss at iteration {iteration}'
                 break
@@ -285,7 +297,7 @@ def distill(context: StageContext) -> DistillationReport:
         train_seconds = previous_seconds + time.perf_counter() - loop_start
     for offset in offsets:
         offset.commit()
-    report.error_after = float('nan') if failed else _relative_error(qmodel, fp_model, check, settings.batch_size)
+    report.error_after = float('nan') if failed else _check_error(qmodel, check, targets, settings.batch_size)
     report.kept = not failed and report.error_after < report.error_before
     if not report.kept:
         _put_back(offsets, act_params, initial)
