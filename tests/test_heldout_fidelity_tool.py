@@ -85,3 +85,31 @@ def test_per_layer_costs_leave_the_model_as_it_was():
     assert len(rows) == 2 * len(list(quant_layers(qmodel))) and all(seen)
     with torch.no_grad():
         assert torch.equal(qmodel(x), before)
+
+
+def test_distillation_variants_share_the_stages_before_it_and_equal_whole_runs(monkeypatch):
+    tool = load_tool('heldout_fidelity')
+    torch.manual_seed(0)
+    model = TinyResSR().eval()
+    source = tool.PatchSource(tiny_images(count=6, size=24))
+    base = {**TINY, 'w_bits': 4, 'a_bits': 4, 'reconstruction': {**LEVERS['reconstruction'], 'group_siblings': False},
+            'distillation': LEVERS['distillation']}
+    variants = [tool.merged(base, {'distillation': {'iterations': n}}) for n in (1, 3)]
+    calls = []
+    real_run = tool.run_pipeline
+    monkeypatch.setattr(tool, 'run_pipeline', lambda *args, **kwargs: calls.append(args[2]) or real_run(*args, **kwargs))
+    shared: dict = {}
+    x = source.batch(2, 12, torch.Generator().manual_seed(5))
+    for variant in variants:
+        config = tool.OAQConfig.from_dict(variant)
+        qmodel, timings, reports = tool._quantized(model, source, config, shared)
+        whole = real_run(model, source, config)
+        with torch.no_grad():
+            assert torch.equal(qmodel(x), whole.model(x)), 'a shared run differs from the whole pipeline'
+        assert reports['distillation']['iterations'] == config.distillation.iterations
+        errors = [[(b['error_before'], b['error_after']) for b in r['reconstruction']['blocks']]
+                  for r in (reports, whole.report_dicts())]
+        assert errors[0] == errors[1]
+        assert set(timings) == {f'{name}_s' for name in stage_names()}
+    # The stages before distillation ran once for both variants, with distillation off.
+    assert len(calls) == 1 and not calls[0].distillation.enabled

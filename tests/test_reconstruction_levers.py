@@ -249,8 +249,9 @@ def test_pipeline_trains_high_resolution_blocks_on_windows():
     torch.manual_seed(0)
     model = HighResSR().eval()
     batches = PatchSource(tiny_images()).batches(2, 4, 12, seed=1)
-    # The high-resolution block holds the 8-bit last layers: let it learn their activation grids too.
-    options = {**OPTIONS, 'reconstruction': {**RECONSTRUCTION, 'window': 10, 'iterations': 80, 'activation_bits': 8}}
+    # The high-resolution block holds the 8-bit last layers: let it learn their activation grids too. (At 80
+    # iterations one seed of six ended with this tiny block not kept: its path turns on float rounding.)
+    options = {**OPTIONS, 'reconstruction': {**RECONSTRUCTION, 'window': 10, 'iterations': 160, 'activation_bits': 8}}
     blocks = {b.name: b for b in run_pipeline(model, batches, options).reports['reconstruction'].blocks}
     assert blocks['head'].window == 0 and blocks['hr'].window == 10
     assert blocks['hr'].kept and blocks['hr'].error_after < blocks['hr'].error_before

@@ -17,6 +17,8 @@ Sections are merged key by key into the base's. ``--per-layer`` adds, per quanti
 with only its activations or only its weights left unquantized: where the error of a variant comes from.
 Every variant's numbers, its whole config, its seconds per stage and the reports of block reconstruction
 and distillation (whether each was kept, its errors before and after) go to a JSON file (``--json``; by default ``docs/bench/heldout_<model>_<time>.json``).
+Variants that differ only in their distillation settings share the stages before distillation (run once;
+each variant then distils its own copy, with the same result as a whole run).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from oaq_plugin.compat import install_basicsr_compat
 
@@ -46,6 +48,8 @@ from oaq_plugin.config import OAQConfig  # noqa: E402
 from oaq_plugin.paths import shared_root  # noqa: E402
 from oaq_plugin.pipeline.io.images import read_image  # noqa: E402
 from oaq_plugin.pipeline.io.patches import PatchSource  # noqa: E402
+from oaq_plugin.pipeline.stages.base import StageContext  # noqa: E402
+from oaq_plugin.pipeline.stages.distillation import DistillationStage  # noqa: E402
 from oaq_plugin.quant import quant_layers  # noqa: E402
 
 CALIBRATION_IMAGES = 60
@@ -106,6 +110,32 @@ def per_layer_costs(qmodel: torch.nn.Module, fidelity, everything: float, log=pr
     return sorted(rows, key=lambda row: -row['gain_db'])
 
 
+def _quantized(model: torch.nn.Module, calibration: PatchSource, config: OAQConfig, shared_runs: Dict[str, Any]
+               ) -> Tuple[torch.nn.Module, Dict[str, float], Dict[str, Any]]:
+    """``(qmodel, seconds per stage, report dicts)`` of the pipeline under ``config``.
+
+    Variants that differ only in their distillation settings (with finetuning, the one stage after it,
+    off) share the stages before it: those run once, with distillation off, and each variant distils its
+    own copy of that model, as the pipeline would have (the stage draws its crops from its own seeds).
+    ``quantize_seconds`` of such a variant counts the shared stages once, in the first variant only.
+    """
+    if not config.distillation.enabled or config.finetune.enabled:
+        result = run_pipeline(model, calibration, config)
+        return result.model, dict(result.timings), result.report_dicts()
+    earlier = config.to_dict()
+    earlier['distillation'] = {'enabled': False}
+    key = json.dumps(earlier, sort_keys=True)
+    if key not in shared_runs:
+        shared_runs[key] = run_pipeline(model, calibration, OAQConfig.from_dict(earlier))
+    base = shared_runs[key]
+    qmodel = copy.deepcopy(base.model)
+    start = time.perf_counter()
+    report = DistillationStage().run(StageContext(qmodel=qmodel, batches=[], config=config, float_model=model,
+                                                  source=calibration))
+    timings = {**base.timings, 'distillation_s': time.perf_counter() - start}
+    return qmodel, timings, {**base.report_dicts(), 'distillation': report.to_dict()}
+
+
 def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence[torch.Tensor], scale: int,
             variants: Sequence[Mapping[str, Any]], base: Mapping[str, Any], split: bool = True,
             per_layer: bool = False, log=print) -> List[Dict[str, Any]]:
@@ -127,12 +157,12 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
                                   for x, ref in zip(held_out, references)]))
 
     records = []
+    shared_runs: Dict[str, Any] = {}
     for extra in variants:
         config = OAQConfig.from_dict(merged(base, extra))
         start = time.perf_counter()
-        result = run_pipeline(model, calibration, config)
+        qmodel, timings, reports = _quantized(model, calibration, config, shared_runs)
         seconds = time.perf_counter() - start
-        qmodel = result.model
         scores = {'all': fidelity(qmodel)}
         log(f'{extra} all {scores["all"]:.3f}  ({seconds:.0f} s)')
         if split:
@@ -142,9 +172,8 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
             with bypassed(layer.weight_quantizer for _, layer in quant_layers(qmodel)):
                 scores['activations_only'] = fidelity(qmodel)
             log(f'{extra} activations only {scores["activations_only"]:.3f}')
-        reports = result.report_dicts()
         record = {'overrides': extra, 'config': config.to_dict(), 'fidelity_psnr_y': scores,
-                  'stage_seconds': dict(result.timings), 'quantize_seconds': seconds,
+                  'stage_seconds': timings, 'quantize_seconds': seconds,
                   'reconstruction': reports.get('reconstruction'), 'distillation': reports.get('distillation')}
         if per_layer:
             record['per_layer'] = per_layer_costs(qmodel, fidelity, scores['all'], log)

@@ -63,39 +63,49 @@ def _clamp_ranges(grid: RegionGrid) -> Optional[List[Tuple[float, float]]]:
     return bounds
 
 
-def _region_parts(x: torch.Tensor, offset: float, step: float, start: float, end: float
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(index, scaled)``: the rounded and unrounded grid position of ``clamp(x, start, end)``."""
-    scaled = torch.clamp(x, start, end).sub_(offset).div_(step)
-    return torch.round(scaled), scaled
+def _region_position(x: torch.Tensor, offset: float, step: float, start: float, end: float,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The unrounded grid position ``(clamp(x, start, end) - offset) / step``, written into ``out`` when given
+    (a new tensor otherwise), then computed in place."""
+    position = torch.clamp(x, start, end) if out is None else torch.clamp(x, start, end, out=out)
+    return position.sub_(offset).div_(step)
 
 
-def _region_value_tensor(x: torch.Tensor, offset: float, step: float, start: float, end: float) -> torch.Tensor:
-    index, _ = _region_parts(x, offset, step, start, end)
-    return index.mul_(step).add_(offset)
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` below ``value`` (as rounded to ``dtype``): ``x >= value`` is ``x >
+    _below(value)``."""
+    bound = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(bound, torch.tensor(-math.inf, dtype=dtype)))
 
 
 class _ClampedSumQuantize(torch.autograd.Function):
-    """``q = Q_mid(clamp(x)) + sum over tails of (Q_tail(clamp(x)) - Q_tail(shared edge))``."""
+    """``q = Q_mid(clamp(x)) + sum over tails of step * (index(clamp(x)) - index at the shared edge)``.
+
+    Written for a CPU, where every pass over an activation tensor and every new tensor of its size counts
+    (a fresh allocation of a few MB costs more than the arithmetic on it): rounding in place, the tails
+    computed in one reused buffer and each added with one scaled add, and the backward's masks taken from
+    the fused ``hardtanh_backward`` and ``threshold_backward`` kernels (comparisons that produce boolean
+    tensors cost many times a pass).
+    """
 
     @staticmethod
     def forward(ctx, x, offsets, steps, layout):
         ranges, index_ranges, middle = layout
         offsets_f, steps_f = offsets.tolist(), steps.tolist()
-
-        def part(r: int, values: torch.Tensor) -> torch.Tensor:
-            start, end = ranges[r]
-            return _region_value_tensor(values, offsets_f[r], steps_f[r], start, end)
-
-        out = part(middle, x)
-        for r in range(len(ranges)):
+        start, end = ranges[middle]
+        out = _region_position(x, offsets_f[middle], steps_f[middle], start, end).round_()
+        out.mul_(steps_f[middle]).add_(offsets_f[middle])
+        buffer = torch.empty_like(x) if len(ranges) > 1 else None
+        for r, (start, end) in enumerate(ranges):
             if r == middle:
                 continue
-            # The tail's value at the edge it shares with the middle region, computed with the same
-            # float arithmetic, so that values of the middle region come out exactly as the reference.
-            edge = ranges[r][1] if r < middle else ranges[r][0]
-            constant = part(r, x.new_full((1,), edge))
-            out.add_(part(r, x).sub_(constant))
+            # The tail's index at the edge it shares with the middle region, with the same float arithmetic
+            # as the tensor's values there: values of the middle region add exactly zero and come out as in
+            # the reference.
+            edge = end if r < middle else start
+            edge_index = float(_region_position(x.new_full((1,), edge), offsets_f[r], steps_f[r], start, end).round_())
+            index = _region_position(x, offsets_f[r], steps_f[r], start, end, buffer).round_().sub_(edge_index)
+            out.add_(index, alpha=steps_f[r])
         ctx.layout = layout
         ctx.offsets_f, ctx.steps_f = offsets_f, steps_f
         ctx.save_for_backward(x)
@@ -110,22 +120,24 @@ class _ClampedSumQuantize(torch.autograd.Function):
         low_bound = offsets_f[first] + index_ranges[first][0] * steps_f[first]
         high_bound = offsets_f[last] + index_ranges[last][1] * steps_f[last]
         # Values at or beyond the outer levels are clamped: no gradient to the input there.
-        outside = (x <= low_bound) | (x >= high_bound)
-        grad_x = grad.masked_fill(outside, 0.0)
+        grad_x = torch.ops.aten.hardtanh_backward(grad, x, low_bound, high_bound)
         grad_offsets = grad_steps = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             count = len(ranges)
             grad_steps = grad.new_zeros(count)
             grad_offsets = grad.new_zeros(count)
             flat_grad = grad.reshape(-1)
+            position, rounded = torch.empty_like(x), torch.empty_like(x)
             for r, (start, end) in enumerate(ranges):
-                index, scaled = _region_parts(x, offsets_f[r], steps_f[r], start, end)
+                _region_position(x, offsets_f[r], steps_f[r], start, end, position)
                 # Straight-through rounding inside the region: dq/dstep = round(v) - v. Values of other
                 # regions sit on this region's end level, where round(v) - v is zero.
-                grad_steps[r] = torch.dot(flat_grad, index.sub_(scaled).reshape(-1))
+                torch.round(position, out=rounded)
+                grad_steps[r] = torch.dot(flat_grad, rounded.sub_(position).reshape(-1))
             # Clamped values: dq/doffset = 1 and dq/dstep = the clamped index, for the outer regions.
-            sum_below = torch.where(x <= low_bound, grad, 0.0).sum()
-            sum_above = torch.where(x >= high_bound, grad, 0.0).sum()
+            masked = torch.ops.aten.threshold_backward.grad_input
+            sum_below = grad.sum() - masked(grad, x, low_bound, grad_input=position).sum()
+            sum_above = masked(grad, x, _below(high_bound, x.dtype), grad_input=position).sum()
             grad_offsets[first] += sum_below
             grad_steps[first] += index_ranges[first][0] * sum_below
             grad_offsets[last] += sum_above

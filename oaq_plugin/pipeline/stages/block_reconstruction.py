@@ -601,7 +601,10 @@ def reconstruct_block(name: str, block: nn.Module, calls: Sequence[Call], target
     # Rounding flags are buffers of the state: loading it back restores them (or rounding to nearest).
     before = {k: v.detach().clone() for k, v in block.state_dict().items()}
     energy = _energy(targets)
-    error_before = _block_error(block, calls, targets, device)
+    # The block's errors (and the quantized inputs of later blocks) go through the fast fake quantization
+    # too: the same values up to float rounding, without the reference's per-region selections.
+    with fast_fake_quantization(block):
+        error_before = _block_error(block, calls, targets, device)
     if settings.output_weight <= 0:
         network = None
     output_before = network.total_error(device) if network is not None else 0.0
@@ -669,7 +672,8 @@ def reconstruct_block(name: str, block: nn.Module, calls: Sequence[Call], target
         with torch.no_grad():
             for layer, s in zip(layers, soft):
                 layer.weight_quantizer.set_rounding(s.flags())
-    error_after = _block_error(block, calls, targets, device)
+    with fast_fake_quantization(block):
+        error_after = _block_error(block, calls, targets, device)
     kept = error_after < error_before
     output_after = output_before
     if network is not None:
@@ -730,7 +734,8 @@ def _reconstruct_in_place(qmodel: nn.Module, names: Sequence[str], index: int, c
     for earlier in names[:index]:
         for _, layer in quant_layers(block_module(qmodel, earlier)):
             layer.set_mode('quant')
-    inputs, _ = capture_block(qmodel, name, samples, calls, outputs=False)
+    with fast_fake_quantization(qmodel):
+        inputs, _ = capture_block(qmodel, name, samples, calls, outputs=False)
     network = None
     if settings.output_weight > 0:
         # Float outputs of the whole network; the modes are then what the block's objective needs.
