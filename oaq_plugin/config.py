@@ -249,7 +249,9 @@ class DistillationConfig:
         activation_bits: Learn only the activation quantizers with at most this many bits.
         check_crops: Crops held aside (drawn with their own seed) on which the output error is measured
             before and after.
-        seed: Seed of the crops.
+        drop_prob: While training, the fraction of each activation quantizer's input values passed
+            unquantized, drawn anew every forward (QDrop); 0 quantizes every value, as validation does.
+        seed: Seed of the crops (and of the drop masks).
     """
 
     enabled: bool = True
@@ -260,6 +262,7 @@ class DistillationConfig:
     act_lr: float = field(default=1e-3, metadata=_range(0.0))
     activation_bits: int = field(default=LEARNED_ACTIVATION_BITS, metadata=_range(MIN_BITS, MAX_BITS))
     check_crops: int = field(default=8, metadata=_range(1))
+    drop_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
     seed: int = 0
 
 

@@ -168,3 +168,35 @@ def test_the_start_keeps_the_codes_that_learned_rounding_chose():
     x = torch.stack(tiny_images(count=2, size=20, seed=3))
     with torch.no_grad():
         assert torch.equal(result.model(x), reconstructed(x))
+
+
+def test_dropped_quantization_passes_a_fraction_of_values_unquantized_while_active():
+    from oaq_plugin.quant.activation import dropped_quantization, activation_quantizers
+    model, source, config = world()
+    qmodel = run_pipeline(model, source, without_distillation(OPTIONS)).model
+    _, layer = quant_layers(qmodel)[1]
+    quantizer = layer.act_quantizer
+    x = torch.randn(2, 8, 16, 16) * 3
+    quantized = quantizer(x).detach()
+    assert (quantized != x).float().mean() > 0.99
+    with dropped_quantization(activation_quantizers(qmodel), 0.3, torch.Generator().manual_seed(0)):
+        mixed = quantizer(x).detach()
+    kept_float = (mixed == x).float().mean()
+    assert 0.27 < kept_float < 0.33
+    assert torch.equal(mixed[mixed != x], quantized[mixed != x])
+    assert torch.equal(quantizer(x).detach(), quantized)
+
+
+def test_distillation_with_activation_drop_resumes_to_identical_parameters(tmp_path):
+    from test_resume import StopAtCheck, assert_same_result
+    options = {**OPTIONS, 'distillation': {**DISTILLATION, 'iterations': 30, 'drop_prob': 0.5}}
+    model, source, config = world(options)
+    reference = run_pipeline(model, source, config)
+    without = run_pipeline(model, source, world({**options, 'distillation': {**DISTILLATION, 'iterations': 30}})[2])
+    assert reference.reports['distillation'].losses != without.reports['distillation'].losses
+    path = tmp_path / 'state.pth'
+    with pytest.raises(Interrupted):
+        run_pipeline(model, source, config, state_path=path, stop=StopAtCheck(3 + 12))
+    resumed = run_pipeline(model, source, config, state_path=path, resume=True)
+    assert_same_result(resumed, reference)
+    assert resumed.reports['distillation'].losses == reference.reports['distillation'].losses

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..config import CalibConfig
 from .fast_fake_quant import fast_quantize
+from .forward_hooks import forward_hooks
 from .integer_lattice import to_lattice
 from .observer import ActivationObserver, ObservedStats
 from .region_grid import RegionGrid
@@ -121,3 +122,18 @@ def fast_fake_quantization(model: nn.Module) -> Iterator[None]:
     finally:
         for quantizer, fast in zip(quantizers, previous):
             quantizer.fast = fast
+
+
+def dropped_quantization(quantizers: Sequence[Tuple[str, nn.Module]], probability: float,
+                         generator: torch.Generator) -> contextlib.AbstractContextManager:
+    """While active, each of ``quantizers`` passes a random ``probability`` of its input values unquantized
+    (drawn from ``generator``; QDrop, Wei et al. 2022): trained weights then see a random mix of quantized and
+    float activations. ``probability`` 0 changes nothing."""
+    if probability <= 0:
+        return contextlib.nullcontext()
+
+    def drop(name: str, quantizer: nn.Module, args, quantized: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        keep = torch.rand(x.shape, generator=generator).to(x.device) < probability
+        return torch.where(keep, x, quantized)
+    return forward_hooks(quantizers, drop)

@@ -36,7 +36,7 @@ from torch import nn
 
 from ...config import OAQConfig, ReconstructionConfig
 from ...errors import NumericalError
-from ...quant.activation import activation_quantizers, fast_fake_quantization
+from ...quant.activation import activation_quantizers, dropped_quantization, fast_fake_quantization
 from ...quant.convert import modes_restored
 from ...quant.forward_hooks import forward_hooks
 from ...quant.layers import QuantLayer, quant_layers
@@ -408,19 +408,6 @@ class _SoftRounding:
         return (self.choice() >= 0.5).to(torch.uint8)
 
 
-def _dropped_quantization(quantizers: Sequence[Tuple[str, nn.Module]], probability: float,
-                          generator: torch.Generator) -> contextlib.AbstractContextManager:
-    """While active, each quantizer passes a random ``probability`` of its input values unquantized."""
-    if probability <= 0:
-        return contextlib.nullcontext()
-
-    def drop(name: str, quantizer: nn.Module, args, quantized: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        keep = torch.rand(x.shape, generator=generator).to(x.device) < probability
-        return torch.where(keep, x, quantized)
-    return forward_hooks(quantizers, drop)
-
-
 @contextlib.contextmanager
 def _soft_weights(layers: Sequence[QuantLayer], soft: Sequence['_SoftRounding']) -> Iterator[None]:
     """While active, each of ``layers`` computes with its soft-rounded weight (through its executor)."""
@@ -640,7 +627,7 @@ def reconstruct_block(name: str, block: nn.Module, calls: Sequence[Call], target
             p.requires_grad_(True)
         try:
             with _soft_weights(layers, soft), fast_fake_quantization(block), \
-                    _dropped_quantization(quantizers, settings.drop_prob, generator), torch.enable_grad(), \
+                    dropped_quantization(quantizers, settings.drop_prob, generator), torch.enable_grad(), \
                     (only_trained(network.model, trained) if network is not None else contextlib.nullcontext()):
                 for iteration in range(settings.iterations):
                     picks = torch.randperm(samples, generator=generator)[:batch]

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ...config import DistillationConfig
-from ...quant.activation import activation_quantizers, fast_fake_quantization
+from ...quant.activation import activation_quantizers, dropped_quantization, fast_fake_quantization
 from ...quant.layers import QuantLayer, quant_layers
 from ...quant.observer import all_finite
 from ...quant.seeding import seeded_generator
@@ -244,6 +244,7 @@ def distill(context: StageContext) -> DistillationReport:
                    for _, p, scale in act_params]
         optimizer = torch.optim.Adam(groups)
         generator = seeded_generator(settings.seed, 'distillation')
+        drop_generator = seeded_generator(settings.seed, 'distillation drop')
         saved = context.saved
         if saved is None:
             initial = {name: p.detach().clone() for name, p, _ in act_params}
@@ -258,9 +259,11 @@ def distill(context: StageContext) -> DistillationReport:
                     offset.offset.copy_(value)
             optimizer.load_state_dict(saved['optimizer'])
             generator.set_state(saved['generator'])
+            drop_generator.set_state(saved['drop_generator'])
         stack.enter_context(_training_setup(offsets, act_params))
         stack.enter_context(only_trained(qmodel, [p for _, p, _ in act_params]))
         stack.enter_context(fast_fake_quantization(qmodel))
+        stack.enter_context(dropped_quantization(activation_quantizers(qmodel), settings.drop_prob, drop_generator))
         bar = stack.enter_context(tqdm(total=settings.iterations, initial=first, desc='distillation', unit='it',
                                        disable=not context.progress, leave=False))
         window = max(1, settings.iterations // 4)
@@ -271,7 +274,8 @@ def distill(context: StageContext) -> DistillationReport:
         for iteration in range(first, settings.iterations):
             context.safe_point(lambda: {
                 'iteration': iteration, 'offsets': [o.offset.detach().clone() for o in offsets],
-                'optimizer': optimizer.state_dict(), 'generator': generator.get_state(), 'initial': initial,
+                'optimizer': optimizer.state_dict(), 'generator': generator.get_state(),
+                'drop_generator': drop_generator.get_state(), 'initial': initial,
                 'error_before': report.error_before, 'losses': list(report.losses), 'running': running,
                 'seconds': previous_seconds + time.perf_counter() - loop_start})
             for group in optimizer.param_groups:
