@@ -72,8 +72,8 @@ def conv_model(op: str, act: str, weight: str, channels: int) -> bytes:
             node = helper.make_node('QLinearConv', ['x', 'xs', 'xz', 'w', 'ws', 'wz', 'ys', 'yz', 'b'], ['y'],
                                     pads=[1, 1, 1, 1])
             out_type = elem[act]
-    graph = helper.make_graph([node], 'conv', [helper.make_tensor_value_info('x', elem[act], [1, channels, None, None])],
-                              [helper.make_tensor_value_info('y', out_type, None)], inits)
+    inputs = [helper.make_tensor_value_info('x', elem[act], [1, channels, None, None])]
+    graph = helper.make_graph([node], 'conv', inputs, [helper.make_tensor_value_info('y', out_type, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
     model.ir_version = 8
     return model.SerializeToString()

@@ -259,11 +259,13 @@ def distill(context: StageContext) -> DistillationReport:
                     offset.offset.copy_(value)
             optimizer.load_state_dict(saved['optimizer'])
             generator.set_state(saved['generator'])
-            drop_generator.set_state(saved['drop_generator'])
+            if 'drop_generator' in saved:  # absent from states saved before the drop existed
+                drop_generator.set_state(saved['drop_generator'])
         stack.enter_context(_training_setup(offsets, act_params))
         stack.enter_context(only_trained(qmodel, [p for _, p, _ in act_params]))
         stack.enter_context(fast_fake_quantization(qmodel))
-        stack.enter_context(dropped_quantization(activation_quantizers(qmodel), settings.drop_prob, drop_generator))
+        stack.enter_context(dropped_quantization(activation_quantizers(qmodel), settings.drop_prob,
+                                                 drop_generator))
         bar = stack.enter_context(tqdm(total=settings.iterations, initial=first, desc='distillation', unit='it',
                                        disable=not context.progress, leave=False))
         window = max(1, settings.iterations // 4)
