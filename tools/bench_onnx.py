@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 MODELS = ('imdn_x4', 'pan_x4', 'rfdn_x4', 'srvgg_x4', 'edsr_m_x4')
 FRAME = (180, 320)
@@ -106,14 +106,16 @@ def export_all(key: str, folder: Path, forms: bool) -> Dict[str, Path]:
     return files
 
 
-def time_runs(run, warmup: int, runs: int) -> List[float]:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+def time_in_turn(calls: List[Callable[[], object]], warmup: int, runs: int) -> List[List[float]]:
+    """Seconds of each call's timed runs, the calls made in turn (one each per round, ``warmup`` rounds
+    untimed), so that every call sees the same load of a shared machine."""
+    times: List[List[float]] = [[] for _ in calls]
+    for round_index in range(warmup + runs):
+        for index, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            if round_index >= warmup:
+                times[index].append(time.perf_counter() - start)
     return times
 
 
@@ -142,7 +144,7 @@ def measure(args) -> dict:
 
         def run():
             session.run(None, {'input': x})
-    times = time_runs(run, args.warmup, args.runs)
+    (times,) = time_in_turn([run], args.warmup, args.runs)
     if args.profile_ops:
         return {'median_ms': 1000 * statistics.median(times), 'op_ms': op_profile(args.measure, args.threads, x)}
     return {'median_ms': 1000 * statistics.median(times), 'min_ms': 1000 * min(times),
@@ -163,13 +165,8 @@ def measure_interleaved(paths: List[str], threads: int, warmup: int, runs: int) 
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         sessions.append(onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider']))
-    times: List[List[float]] = [[] for _ in paths]
-    for round_index in range(warmup + runs):
-        for index, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, {'input': x})
-            if round_index >= warmup:
-                times[index].append(time.perf_counter() - start)
+    times = time_in_turn([lambda session=session: session.run(None, {'input': x}) for session in sessions],
+                         warmup, runs)
     return [{'median_ms': 1000 * statistics.median(t), 'min_ms': 1000 * min(t), 'max_ms': 1000 * max(t),
              'runs': len(t)} for t in times]
 

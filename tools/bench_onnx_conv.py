@@ -21,14 +21,13 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_onnx import cpu_description  # noqa: E402
+from bench_onnx import cpu_description, time_in_turn  # noqa: E402
 
 # (name, op, activation type, weight type)
 FORMS: Tuple[Tuple[str, str, str, str], ...] = (
@@ -90,19 +89,13 @@ def example(act: str, channels: int, height: int, width: int) -> np.ndarray:
 def measure(channels: int, height: int, width: int, threads: int, warmup: int, runs: int) -> Dict[str, float]:
     """Median milliseconds per form, the forms run in turn in one process."""
     from oaq_plugin.pipeline.io.onnx_export import onnx_session
-    calls: List[Tuple[str, Callable[[], object]]] = []
-    for name, op, act, weight in FORMS:
+    calls: List[Callable[[], object]] = []
+    for _, op, act, weight in FORMS:
         session = onnx_session(conv_model(op, act, weight, channels), threads)
         feed = {'x': example(act, channels, height, width)}
-        calls.append((name, lambda session=session, feed=feed: session.run(None, feed)))
-    times: Dict[str, List[float]] = {name: [] for name, _ in calls}
-    for round_ in range(warmup + runs):
-        for name, call in calls:
-            start = time.perf_counter()
-            call()
-            if round_ >= warmup:
-                times[name].append(1000.0 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in times.items()}
+        calls.append(lambda session=session, feed=feed: session.run(None, feed))
+    times = time_in_turn(calls, warmup, runs)
+    return {name: 1000.0 * statistics.median(seconds) for (name, *_), seconds in zip(FORMS, times)}
 
 
 def markdown(result: dict) -> str:
