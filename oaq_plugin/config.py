@@ -251,6 +251,10 @@ class DistillationConfig:
             before and after.
         drop_prob: While training, the fraction of each activation quantizer's input values passed
             unquantized, drawn anew every forward (QDrop); 0 quantizes every value, as validation does.
+        feature_weight: Weight of a feature term added to the output error: the mean, over feature taps,
+            of each tap's squared error relative to its float energy. The taps are the outputs of the
+            network's repeated residual blocks (the finetuning stage's ``blocks`` taps), or the inputs of
+            the quantized layers where it has none. 0 trains on the output alone.
         seed: Seed of the crops (and of the drop masks).
     """
 
@@ -263,6 +267,7 @@ class DistillationConfig:
     activation_bits: int = field(default=LEARNED_ACTIVATION_BITS, metadata=_range(MIN_BITS, MAX_BITS))
     check_crops: int = field(default=8, metadata=_range(1))
     drop_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    feature_weight: float = field(default=0.0, metadata=_range(0.0))
     seed: int = 0
 
 

@@ -200,3 +200,51 @@ def test_distillation_with_activation_drop_resumes_to_identical_parameters(tmp_p
     resumed = run_pipeline(model, source, config, state_path=path, resume=True)
     assert_same_result(resumed, reference)
     assert resumed.reports['distillation'].losses == reference.reports['distillation'].losses
+
+
+def test_feature_term_trains_on_the_block_outputs_and_leaves_no_hook():
+    options = {**OPTIONS, 'distillation': {**DISTILLATION, 'feature_weight': 1.0}}
+    model, source, config = world(options)
+    plain = run_pipeline(model, source, without_distillation(OPTIONS)).model
+    output_only = run_pipeline(model, source, OPTIONS)
+    result = run_pipeline(model, source, config)
+    report = result.reports['distillation']
+    # TinyResSR's two residual blocks are the taps.
+    assert (report.feature_taps, report.tap_kind) == (2, 'blocks')
+    assert '2 blocks feature taps' in report.summary()
+    assert output_only.reports['distillation'].feature_taps == 0
+    assert report.losses != output_only.reports['distillation'].losses
+    # The feature term is added to the output term: the logged loss is larger at the same start.
+    assert report.losses[0] > output_only.reports['distillation'].losses[0]
+    assert report.kept and held_out_error(model, result.model) < 0.9 * held_out_error(model, plain)
+    for net in (model, result.model):
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_feature_term_is_the_mean_relative_error_of_the_taps():
+    from oaq_plugin.pipeline.stages.distillation import _FeatureTerm
+    torch.manual_seed(0)
+    teacher = TinyResSR().eval()
+    student = TinyResSR().eval()
+    student.load_state_dict(teacher.state_dict())
+    x = torch.stack(tiny_images(count=2, size=16))
+    term = _FeatureTerm(teacher, student, x[:1])
+    teacher(x), student(x)
+    value, taps = term.loss()
+    assert taps == 2 and float(value) == 0.0
+    with torch.no_grad():
+        student.block2.conv2.weight.mul_(1.5)
+    features = {}
+    for name in ('block1', 'block2'):
+        getattr(teacher, name).register_forward_hook(lambda m, a, o, n=name: features.setdefault(('t', n), o))
+        getattr(student, name).register_forward_hook(lambda m, a, o, n=name: features.setdefault(('s', n), o))
+    teacher(x), student(x)
+    value, taps = term.loss()
+    expected = [float(((features[('s', n)] - features[('t', n)]) ** 2).mean() / (features[('t', n)] ** 2).mean())
+                for n in ('block1', 'block2')]
+    assert expected[0] == 0.0 and expected[1] > 0
+    assert taps == 2 and float(value) == pytest.approx(sum(expected) / 2, rel=1e-6)
+    # Recorded tensors are released by ``loss``; a forward of one model alone gives no term.
+    teacher(x)
+    assert term.loss() == (None, 0)
+    term.remove()

@@ -5,8 +5,9 @@ images, after block reconstruction has fitted it block by block.
 What trains: every quantized weight, as an offset from where the earlier stages left it, in units
 of its layer's quantization step (its codes follow the moved weight by rounding to nearest, with a
 straight-through gradient), and the bounds and breakpoints of the activation grids with at most
-``activation_bits`` bits. Weight clips stay as searched. The loss is the mean squared error of the output;
-the learning rates decay on a cosine. No ground truth is used.
+``activation_bits`` bits. Weight clips stay as searched. The loss is the squared error of the output relative
+to its float energy, plus, with ``feature_weight``, the same relative error averaged over feature taps (block
+outputs, or layer inputs); the learning rates decay on a cosine. No ground truth is used.
 
 Before training, each layer's learned rounding is dropped and its weight moved just far enough to round to
 nearest onto the same codes (into its code's rounding interval), so the model is unchanged until it trains.
@@ -31,6 +32,7 @@ from ...quant.activation import activation_quantizers, dropped_quantization, fas
 from ...quant.layers import QuantLayer, quant_layers
 from ...quant.observer import all_finite
 from ...quant.seeding import seeded_generator
+from ..capture.feature_taps import FeatureTaps, tap_names
 from ..io.patches import PatchSource
 from .base import Stage, StageContext, StageReport, only_trained
 from .search import relative_error
@@ -56,6 +58,8 @@ class DistillationReport(StageReport):
     error_after: float = float('nan')
     kept: bool = False
     skipped: str = ''
+    feature_taps: int = 0
+    tap_kind: str = ''
     losses: List[float] = field(default_factory=list)
     seconds: float = 0.0
     seconds_per_iteration: float = 0.0
@@ -70,8 +74,9 @@ class DistillationReport(StageReport):
         if self.skipped:
             return f'distillation skipped: {self.skipped}'
         gain = self.derived()['gain_db']
+        taps = f', {self.feature_taps} {self.tap_kind} feature taps' if self.feature_taps else ''
         return (f'distillation: {self.iterations} iterations on {self.weight_layers} layers\' weights and '
-                f'{self.activation_quantizers} activation grids in {self.seconds:.1f} s '
+                f'{self.activation_quantizers} activation grids{taps} in {self.seconds:.1f} s '
                 f'({self.seconds_per_iteration:.2f} s/iteration); relative output error on held-aside crops '
                 f'{self.error_before:.3e} -> {self.error_after:.3e}'
                 + (f' ({gain:+.2f} dB)' if gain is not None else '') + ('' if self.kept else ', not kept'))
@@ -171,6 +176,39 @@ def _check_error(qmodel: nn.Module, crops: torch.Tensor, targets: List[torch.Ten
     return relative_error(error, energy)
 
 
+class _FeatureTerm:
+    """Feature taps on teacher and student (the same module names); after one forward of each,
+    :meth:`loss` is the mean over taps of the student's squared error relative to the teacher's energy."""
+
+    def __init__(self, fp_model: nn.Module, qmodel: nn.Module, example: torch.Tensor) -> None:
+        names, where, self.kind = tap_names(fp_model, qmodel, 'blocks', (), example)
+        self.teacher = FeatureTaps(fp_model, names, where)
+        self.student = FeatureTaps(qmodel, names, where)
+
+    def clear(self) -> None:
+        self.teacher.clear()
+        self.student.clear()
+
+    def loss(self) -> Tuple[Optional[torch.Tensor], int]:
+        """``(term, taps)``: the mean relative error over the taps both forwards recorded (``None`` when
+        there was none) and how many."""
+        terms = []
+        for key, fp in self.teacher.features.items():
+            q = self.student.features.get(key)
+            if q is None or q.shape != fp.shape:
+                continue
+            fp = fp.detach()
+            terms.append(relative_error(((q - fp) ** 2).mean(), float((fp ** 2).mean())))
+        self.clear()
+        if not terms:
+            return None, 0
+        return torch.stack(terms).mean(), len(terms)
+
+    def remove(self) -> None:
+        self.teacher.remove()
+        self.student.remove()
+
+
 @contextlib.contextmanager
 def _training_setup(offsets: List[_WeightOffset], act_params: List[Tuple[str, nn.Parameter, float]]
                     ) -> Iterator[None]:
@@ -266,6 +304,11 @@ def distill(context: StageContext) -> DistillationReport:
         stack.enter_context(fast_fake_quantization(qmodel))
         stack.enter_context(dropped_quantization(activation_quantizers(qmodel), settings.drop_prob,
                                                  drop_generator))
+        features = None
+        if settings.feature_weight > 0:
+            features = _FeatureTerm(fp_model, qmodel, check[:1])
+            stack.callback(features.remove)
+            report.tap_kind = features.kind
         bar = stack.enter_context(tqdm(total=settings.iterations, initial=first, desc='distillation', unit='it',
                                        disable=not context.progress, leave=False))
         window = max(1, settings.iterations // 4)
@@ -286,6 +329,10 @@ def distill(context: StageContext) -> DistillationReport:
             with torch.no_grad():
                 target = fp_model(batch)
             loss = relative_error(((qmodel(batch) - target) ** 2).mean(), float((target ** 2).mean()))
+            if features is not None:
+                term, report.feature_taps = features.loss()
+                if term is not None:
+                    loss = loss + settings.feature_weight * term
             if not all_finite(loss):
                 failed = f'non-finite loss at iteration {iteration}'
                 break
