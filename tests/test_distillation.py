@@ -248,3 +248,16 @@ def test_feature_term_is_the_mean_relative_error_of_the_taps():
     teacher(x)
     assert term.loss() == (None, 0)
     term.remove()
+
+
+@pytest.mark.parametrize('bits, limit, learned', [(4, 6, 'body'), (8, 6, 'none'), (8, 8, 'all'), (4, 8, 'all')])
+def test_distillation_learns_the_activation_grids_up_to_activation_bits(bits, limit, learned):
+    options = {**OPTIONS, 'w_bits': bits, 'a_bits': bits,
+               'distillation': {**DISTILLATION, 'iterations': 4, 'activation_bits': limit}}
+    model, source, config = world(options)
+    result = run_pipeline(model, source, config)
+    grids = [layer.act_quantizer.bits for _, layer in quant_layers(result.model)]
+    expected = {'body': sum(b == bits for b in grids), 'all': len(grids), 'none': 0}[learned]
+    assert result.reports['distillation'].activation_quantizers == expected
+    if learned == 'body':  # the end layers' 8-bit grids exist and keep their values
+        assert 0 < expected < len(grids)
