@@ -4,8 +4,8 @@ signedness. Shows which integer product is fast on this CPU, and by how much, ap
 of a whole quantized network (``tools/bench_onnx.py``).
 
 Forms: ``Conv`` fp32; ``ConvInteger`` (int32 output) with int8 or uint8 activations times int8 or uint8
-weights (the export uses int8 activations x uint8 weights); ``QLinearConv`` (requantized uint8/int8 output,
-per-channel weight scales, bias fused) with the same operand types. Random codes; the timing does not depend
+weights (the export uses uint8 x uint8, the one form exact on every CPU); ``QLinearConv`` (requantized
+uint8/int8 output, per-channel weight scales, bias fused) with the same operand types. Random codes; the timing does not depend
 on the values. The rows run in turn in one process (one run of each per round), median of ``--runs`` rounds
 after ``--warmup``.
 
@@ -32,9 +32,9 @@ from bench_onnx import cpu_description, time_in_turn  # noqa: E402
 # (name, op, activation type, weight type)
 FORMS: Tuple[Tuple[str, str, str, str], ...] = (
     ('Conv fp32', 'Conv', 'f32', 'f32'),
-    ('ConvInteger s8 x u8 (the export)', 'ConvInteger', 's8', 'u8'),
+    ('ConvInteger s8 x u8 (saturates without VNNI)', 'ConvInteger', 's8', 'u8'),
     ('ConvInteger u8 x s8', 'ConvInteger', 'u8', 's8'),
-    ('ConvInteger u8 x u8', 'ConvInteger', 'u8', 'u8'),
+    ('ConvInteger u8 x u8 (the export)', 'ConvInteger', 'u8', 'u8'),
     ('QLinearConv u8 x s8', 'QLinearConv', 'u8', 's8'),
     ('QLinearConv u8 x u8', 'QLinearConv', 'u8', 'u8'),
     ('QLinearConv s8 x s8', 'QLinearConv', 's8', 's8'),

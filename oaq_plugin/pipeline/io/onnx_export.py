@@ -2,8 +2,9 @@
 
 Each quantized layer becomes its input's rounding, written with elementwise ops, followed by an integer
 product where the grids allow one: with the input on an int8 integer lattice (``oaq.integer_lattice``)
-and the weight codes in int8, a Conv2d is ``ConvInteger`` and a Linear ``MatMulInteger`` (int8 x int8 ->
-int32), rescaled once per output channel by ``unit * weight_scale`` and offset by the float bias. Other
+and the weight codes in int8, a Conv2d is ``ConvInteger`` and a Linear ``MatMulInteger`` (both codes stored
+as uint8 with 128 added, the form ONNX Runtime computes exactly on every CPU; -> int32), rescaled once per
+output channel by ``unit * weight_scale`` and offset by the float bias. Other
 layers (ConvTranspose2d, wider codes, grids off the lattice) decode their input to the exact levels and run
 the float op on the decoded weight, as the reference backend does. Quantized attention matmuls get
 QuantizeLinear/DequantizeLinear pairs on both operands. Height and width are dynamic.
@@ -41,8 +42,11 @@ ROUNDING_FORMS = ('sum', 'exact')
 # The TorchScript-based exporter writes opsets up to 20; 17 has every op used here.
 OPSET = 17
 INT8_RANGE = (-128, 127)
-# ONNX TensorProto element type of the int8 Cast.
-_INT8 = 3
+UINT8_RANGE = (0, 255)
+# ONNX TensorProto element types of the code Casts.
+_UINT8, _INT8 = 2, 3
+# Added to an int8 code to store it as uint8 (the integer products' operands are both uint8).
+UINT8_SHIFT = 128
 
 
 @dataclass
@@ -156,29 +160,34 @@ def _lattice_n_sum(g, x, spec: GridSpec) -> Tuple[object, int]:
     return (parts[0] if len(parts) == 1 else g.op('Sum', *parts)), constant
 
 
-def _int8_codes_sum(g, x, spec: GridSpec):
-    """int8 codes of a continuous lattice grid in the ``sum`` form."""
+def _int8_codes_sum(g, x, spec: GridSpec, shift: int):
+    """Codes of a continuous lattice grid in the ``sum`` form (int8, or uint8 with ``shift`` 128)."""
     total, constant = _lattice_n_sum(g, x, spec)
-    zero_point = spec.zero_point + constant
-    if not INT8_RANGE[0] <= zero_point <= INT8_RANGE[1]:
+    low, high = UINT8_RANGE if shift else INT8_RANGE
+    zero_point = spec.zero_point + shift + constant
+    if not low <= zero_point <= high:
         total = g.op('Add', total, _const(g, float(constant)))
-        zero_point = spec.zero_point
-    return g.op('QuantizeLinear', total, _const(g, 1.0), _const(g, zero_point, np.int8))
+        zero_point = spec.zero_point + shift
+    return g.op('QuantizeLinear', total, _const(g, 1.0), _const(g, zero_point, np.uint8 if shift else np.int8))
 
 
-def _int8_codes(g, x, spec: GridSpec, rounding: str):
-    """``n + zero_point`` as an int8 tensor."""
+def _int8_codes(g, x, spec: GridSpec, rounding: str, unsigned: bool = False):
+    """``n + zero_point`` as an int8 tensor, or with ``unsigned`` that plus 128 as a uint8 tensor."""
+    shift = UINT8_SHIFT if unsigned else 0
     if rounding == 'sum' and _sum_form(spec):
-        return _int8_codes_sum(g, x, spec)
+        return _int8_codes_sum(g, x, spec, shift)
     n = _lattice_n_exact(g, x, spec)
-    return g.op('Cast', g.op('Add', n, _const(g, float(spec.zero_point))), to_i=_INT8)
+    return g.op('Cast', g.op('Add', n, _const(g, float(spec.zero_point + shift))), to_i=_UINT8 if shift else _INT8)
 
 
 def _quantized_values(g, x, spec: GridSpec, rounding: str):
     """The quantized input as floats (the exact levels)."""
     if spec.int8:
-        codes = _int8_codes(g, x, spec, rounding)
-        return g.op('DequantizeLinear', codes, _const(g, spec.unit), _const(g, spec.zero_point, np.int8))
+        # uint8 codes here too: ONNX Runtime may fuse this DequantizeLinear into an integer MatMul or Conv,
+        # and only its uint8 x uint8 kernels are exact on every CPU (_emit_integer).
+        codes = _int8_codes(g, x, spec, rounding, unsigned=True)
+        return g.op('DequantizeLinear', codes, _const(g, spec.unit),
+                    _const(g, spec.zero_point + UINT8_SHIFT, np.uint8))
     if spec.unit is not None:
         if rounding == 'sum' and _sum_form(spec):
             total, constant = _lattice_n_sum(g, x, spec)
@@ -267,12 +276,15 @@ def _pad(g, x, spec: LayerSpec, value=None):
 
 
 def _emit_integer(g, x, spec: LayerSpec):
-    codes = _int8_codes(g, x, spec.grid, spec.rounding)
-    zero = _const(g, spec.grid.zero_point, np.int8)
-    # uint8 weights with zero point 128: ORT's fastest ConvInteger/MatMulInteger kernels take s8 x u8.
+    # Both operands uint8 (codes plus 128, zero points plus 128). ONNX Runtime's faster int8 x uint8 kernels
+    # are not exact on x86 CPUs without VNNI: there VPMADDUBSW sums two byte products in a saturating int16
+    # (255 x 127 x 2 > 32767), which moved a zoo model's Set5 PSNR by 4 dB on an AVX2 machine. Its uint8 x
+    # uint8 kernels widen to int16 first and are exact on every CPU (docs/BENCHMARKS.md).
+    codes = _int8_codes(g, x, spec.grid, spec.rounding, unsigned=True)
+    zero = _const(g, spec.grid.zero_point + UINT8_SHIFT, np.uint8)
     weight_n = spec.weight_n.T if spec.kind == 'Linear' else spec.weight_n
-    weight = _const(g, weight_n.astype(np.int16) + 128, np.uint8)
-    weight_zero = _const(g, 128, np.uint8)
+    weight = _const(g, weight_n.astype(np.int16) + UINT8_SHIFT, np.uint8)
+    weight_zero = _const(g, UINT8_SHIFT, np.uint8)
     if spec.kind == 'Linear':
         accumulator = g.op('MatMulInteger', codes, weight, zero, weight_zero)
         scale_shape = (-1,)
