@@ -41,11 +41,11 @@ PathLike = Union[str, os.PathLike]
 ROUNDING_FORMS = ('sum', 'exact')
 # The TorchScript-based exporter writes opsets up to 20; 17 has every op used here.
 OPSET = 17
-INT8_RANGE = (-128, 127)
 UINT8_RANGE = (0, 255)
-# ONNX TensorProto element types of the code Casts.
-_UINT8, _INT8 = 2, 3
-# Added to an int8 code to store it as uint8 (the integer products' operands are both uint8).
+# ONNX TensorProto element type of the code Cast.
+_UINT8 = 2
+# Added to an int8 code to store it as uint8: ONNX Runtime's integer products are exact on every CPU only
+# with both operands uint8 (``_emit_integer``).
 UINT8_SHIFT = 128
 
 
@@ -160,24 +160,22 @@ def _lattice_n_sum(g, x, spec: GridSpec) -> Tuple[object, int]:
     return (parts[0] if len(parts) == 1 else g.op('Sum', *parts)), constant
 
 
-def _int8_codes_sum(g, x, spec: GridSpec, shift: int):
-    """Codes of a continuous lattice grid in the ``sum`` form (int8, or uint8 with ``shift`` 128)."""
+def _uint8_codes_sum(g, x, spec: GridSpec):
+    """uint8 codes of a continuous lattice grid in the ``sum`` form."""
     total, constant = _lattice_n_sum(g, x, spec)
-    low, high = UINT8_RANGE if shift else INT8_RANGE
-    zero_point = spec.zero_point + shift + constant
-    if not low <= zero_point <= high:
+    zero_point = spec.zero_point + UINT8_SHIFT + constant
+    if not UINT8_RANGE[0] <= zero_point <= UINT8_RANGE[1]:
         total = g.op('Add', total, _const(g, float(constant)))
-        zero_point = spec.zero_point + shift
-    return g.op('QuantizeLinear', total, _const(g, 1.0), _const(g, zero_point, np.uint8 if shift else np.int8))
+        zero_point = spec.zero_point + UINT8_SHIFT
+    return g.op('QuantizeLinear', total, _const(g, 1.0), _const(g, zero_point, np.uint8))
 
 
-def _int8_codes(g, x, spec: GridSpec, rounding: str, unsigned: bool = False):
-    """``n + zero_point`` as an int8 tensor, or with ``unsigned`` that plus 128 as a uint8 tensor."""
-    shift = UINT8_SHIFT if unsigned else 0
+def _uint8_codes(g, x, spec: GridSpec, rounding: str):
+    """``n + zero_point + 128`` (the int8 code stored as uint8) as a uint8 tensor."""
     if rounding == 'sum' and _sum_form(spec):
-        return _int8_codes_sum(g, x, spec, shift)
+        return _uint8_codes_sum(g, x, spec)
     n = _lattice_n_exact(g, x, spec)
-    return g.op('Cast', g.op('Add', n, _const(g, float(spec.zero_point + shift))), to_i=_UINT8 if shift else _INT8)
+    return g.op('Cast', g.op('Add', n, _const(g, float(spec.zero_point + UINT8_SHIFT))), to_i=_UINT8)
 
 
 def _quantized_values(g, x, spec: GridSpec, rounding: str):
@@ -185,7 +183,7 @@ def _quantized_values(g, x, spec: GridSpec, rounding: str):
     if spec.int8:
         # uint8 codes here too: ONNX Runtime may fuse this DequantizeLinear into an integer MatMul or Conv,
         # and only its uint8 x uint8 kernels are exact on every CPU (_emit_integer).
-        codes = _int8_codes(g, x, spec, rounding, unsigned=True)
+        codes = _uint8_codes(g, x, spec, rounding)
         return g.op('DequantizeLinear', codes, _const(g, spec.unit),
                     _const(g, spec.zero_point + UINT8_SHIFT, np.uint8))
     if spec.unit is not None:
@@ -280,7 +278,7 @@ def _emit_integer(g, x, spec: LayerSpec):
     # are not exact on x86 CPUs without VNNI: there VPMADDUBSW sums two byte products in a saturating int16
     # (255 x 127 x 2 > 32767), which moved a zoo model's Set5 PSNR by 4 dB on an AVX2 machine. Its uint8 x
     # uint8 kernels widen to int16 first and are exact on every CPU (docs/BENCHMARKS.md).
-    codes = _int8_codes(g, x, spec.grid, spec.rounding, unsigned=True)
+    codes = _uint8_codes(g, x, spec.grid, spec.rounding)
     zero = _const(g, spec.grid.zero_point + UINT8_SHIFT, np.uint8)
     weight_n = spec.weight_n.T if spec.kind == 'Linear' else spec.weight_n
     weight = _const(g, weight_n.astype(np.int16) + UINT8_SHIFT, np.uint8)
