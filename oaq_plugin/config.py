@@ -228,6 +228,28 @@ class ReconstructionConfig:
 
 
 @dataclass
+class EqualizationConfig:
+    """Channel equalization before conversion (beyond the paper; oaq_plugin/quant/equalization.py): where a
+    conv's output reaches other convs only through ReLU-like ops, its output channels are scaled up and the
+    consumers' input channels down by the same factors, so the float function is unchanged and the
+    consumers' per-tensor activation grid sees channels of more equal range. Pairs are found by tracing one
+    forward and kept only when random factors leave the output unchanged.
+
+    Args:
+        enabled: Equalize before conversion.
+        strength: Each channel's factor is ``(widest range / its range) ** strength``, ranges measured on the
+            calibration batches: 0 changes nothing, 1 brings every channel to the widest one's range (the
+            consumers' weights of narrow channels then shrink by the same factor).
+
+    Off by default: on held-out crops it gained 1.2 dB on FSRCNN at W8A8 and lost 2.2 dB on SRVGG at W4A4
+    (docs/BENCHMARKS.md, "Channel equalization before conversion").
+    """
+
+    enabled: bool = False
+    strength: float = field(default=0.5, metadata=_range(0.0, 1.0))
+
+
+@dataclass
 class DistillationConfig:
     """Distillation of the whole quantized network from the float one, with trainable weights; beyond the
     paper. Runs after block reconstruction, on random augmented crops of the calibration images (no
@@ -247,6 +269,9 @@ class DistillationConfig:
         act_lr: Adam learning rate of each activation bound and breakpoint, times its initial magnitude
             (at least 1 % of its grid's span).
         activation_bits: Learn only the activation quantizers with at most this many bits.
+        float_lr: Adam learning rate of the parameters the network keeps in float (the quantized layers'
+            biases, PReLU slopes, layers left unquantized), times each tensor's mean magnitude; 0 keeps them
+            as they are.
         check_crops: Crops held aside (drawn with their own seed) on which the output error is measured
             before and after.
         drop_prob: While training, the fraction of each activation quantizer's input values passed
@@ -265,6 +290,7 @@ class DistillationConfig:
     weight_lr: float = field(default=1e-2, metadata=_range(0.0))
     act_lr: float = field(default=1e-3, metadata=_range(0.0))
     activation_bits: int = field(default=LEARNED_ACTIVATION_BITS, metadata=_range(MIN_BITS, MAX_BITS))
+    float_lr: float = field(default=0.0, metadata=_range(0.0))
     check_crops: int = field(default=8, metadata=_range(1))
     drop_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
     feature_weight: float = field(default=0.0, metadata=_range(0.0))
@@ -368,6 +394,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         'protocol': 'full', 'end_bits': 8, 'integer_lattice': False,
         'calib': {'batch_size': 16, 'patch_size': 96, 'ema_beta': 0.9, 'percentile': 99.0,
                   'breakpoint_stat': 'signed'},
+        'equalization': {'enabled': False},
         'search': {'enabled': False},
         'rounding': {'enabled': False},
         'reconstruction': {'enabled': False},
@@ -446,6 +473,7 @@ class OAQConfig:
             Off by default: on the held-out split it changed fidelity by -0.25 to +0.33 dB at W4A4 and by -0.03
             to +0.05 dB at W8A8 (six zoo networks; docs/BENCHMARKS.md, "Integer lattice"), beyond the 0.02 dB
             a default may cost.
+        equalization: Channel equalization of the network before conversion.
         calib: Calibration data and statistics.
         search: The per-layer search.
         rounding: Learned weight rounding.
@@ -468,6 +496,7 @@ class OAQConfig:
     quantize_attention: bool = False
     quantize_generic_attention: bool = True
     integer_lattice: bool = False
+    equalization: EqualizationConfig = field(default_factory=EqualizationConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)

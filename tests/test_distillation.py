@@ -261,3 +261,64 @@ def test_distillation_learns_the_activation_grids_up_to_activation_bits(bits, li
     assert result.reports['distillation'].activation_quantizers == expected
     if learned == 'body':  # the end layers' 8-bit grids exist and keep their values
         assert 0 < expected < len(grids)
+
+
+class WithPReLU(TinyResSR):
+    """A float PReLU (its slopes stay float) between the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.prelu = nn.PReLU(8, init=0.2)
+
+    def forward(self, x):
+        f = self.head(x)
+        body = self.block2(self.prelu(self.block1(f)))
+        return self.shuffle(self.up(body + f)) + nn.functional.interpolate(x, scale_factor=2)
+
+
+FLOATS = {**OPTIONS, 'distillation': {**DISTILLATION, 'float_lr': 1e-2}}
+
+
+def float_parameters(model):
+    """The biases and PReLU slopes: what ``float_lr`` trains."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()
+            if name.endswith('bias') or name.startswith('prelu')}
+
+
+def test_float_lr_trains_the_biases_and_float_slopes_and_leaves_the_teacher_alone():
+    model, source, config = world(FLOATS, model=WithPReLU())
+    teacher_before = {k: v.clone() for k, v in model.state_dict().items()}
+    without = run_pipeline(model, source, world(OPTIONS, model=WithPReLU())[2])
+    result = run_pipeline(model, source, config)
+    report = result.reports['distillation']
+    expected = sum(p.numel() for p in float_parameters(model).values())
+    assert report.kept and report.float_parameters == expected and 'float parameters' in report.summary()
+    after, start = float_parameters(result.model), float_parameters(model)
+    assert len(after) == len(start) == 7  # six convs' biases and the slopes, in the same order
+    assert all(not torch.equal(a, b) for a, b in zip(after.values(), start.values()))
+    # Without it they stay as the float network has them.
+    assert all(torch.equal(a, b) for a, b in zip(float_parameters(without.model).values(), start.values()))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+
+
+def test_float_parameters_go_back_when_distillation_does_not_help():
+    options = {**FLOATS, 'distillation': {**FLOATS['distillation'], 'weight_lr': 50.0, 'float_lr': 50.0}}
+    model, source, config = world(options, model=WithPReLU())
+    result = run_pipeline(model, source, config)
+    assert not result.reports['distillation'].kept
+    for a, b in zip(float_parameters(result.model).values(), float_parameters(model).values()):
+        assert torch.equal(a, b)
+
+
+def test_distillation_of_float_parameters_resumes_to_identical_parameters(tmp_path):
+    from test_resume import StopAtCheck, assert_same_result
+    model, source, config = world(FLOATS, model=WithPReLU())
+    reference = run_pipeline(model, source, config)
+    path = tmp_path / 'state.pth'
+    with pytest.raises(Interrupted):
+        run_pipeline(model, source, config, state_path=path, stop=StopAtCheck(3 + 40))
+    resumed = run_pipeline(model, source, config, state_path=path, resume=True)
+    assert_same_result(resumed, reference)
+    for a, b in zip(float_parameters(resumed.model).values(), float_parameters(reference.model).values()):
+        assert torch.equal(a, b)

@@ -67,6 +67,40 @@ def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypat
     assert gains == sorted(gains, reverse=True) and any(abs(g) > 1e-6 for g in gains)
 
 
+def test_each_variant_is_written_as_soon_as_it_is_measured(tmp_path, monkeypatch):
+    tool = load_tool('heldout_fidelity')
+    folder = tmp_path / 'data/calib/SunHays80/LR_bicubic/X2'
+    folder.mkdir(parents=True)
+    for index, image in enumerate(tiny_images(count=62, size=16)):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            folder / f'{index:03d}.png')
+    torch.manual_seed(0)
+    monkeypatch.setattr(tool, 'shared_root', lambda: tmp_path)
+    monkeypatch.setattr(tool, 'build_zoo_model', lambda key, shared: TinyResSR().eval())
+    out = tmp_path / 'bench.json'
+    real_quantized = tool._quantized
+
+    def stop_at_second(model, calibration, config, shared_runs):
+        if config.equalization.enabled:
+            raise KeyboardInterrupt  # a long run stopped by hand during its second variant
+        return real_quantized(model, calibration, config, shared_runs)
+
+    monkeypatch.setattr(tool, '_quantized', stop_at_second)
+    plain = {**TINY, 'reconstruction': {'enabled': False}, 'distillation': {'enabled': False}}
+    try:
+        tool.main(['--model', 'imdn_x2', '--base', 'default', '--json', str(out), '--no-split', repr(plain),
+                   repr({**plain, 'equalization': {'enabled': True}})])
+    except KeyboardInterrupt:
+        pass
+    data = json.loads(out.read_text())
+    assert len(data['variants']) == 1 and data['variants'][0]['equalization'] == []
+    monkeypatch.setattr(tool, '_quantized', real_quantized)
+    assert tool.main(['--model', 'imdn_x2', '--base', 'default', '--json', str(out), '--no-split',
+                      repr({**plain, 'equalization': {'enabled': True}})]) == 0
+    pairs = json.loads(out.read_text())['variants'][0]['equalization']
+    assert [pair['producer'] for pair in pairs] == ['block1.conv1', 'block2.conv1']
+
+
 def test_per_layer_costs_leave_the_model_as_it_was():
     tool = load_tool('heldout_fidelity')
     _, qmodel, _, _, batches = calibrated_tiny({'w_bits': 4, 'a_bits': 4})

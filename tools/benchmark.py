@@ -220,6 +220,7 @@ def run_worker(spec: dict) -> dict:
         start = time.perf_counter()
         record['metrics'] = {name: evaluate(qmodel, model, pairs, entry.scale) for name, pairs in sets.items()}
         record['timings'] = {**result.timings, 'validate_s': time.perf_counter() - start}
+        record['equalized_pairs'] = len(result.equalized)
         from oaq_plugin.pipeline.stages.base import UnitReport
         for name, report in result.reports.items():
             data = report.to_dict()

@@ -15,8 +15,10 @@ reconstruction lever can be overridden, e.g.
 ``"{'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': True, 'group_siblings': True}}"``.
 Sections are merged key by key into the base's. ``--per-layer`` adds, per quantized layer, the fidelity gained
 with only its activations or only its weights left unquantized: where the error of a variant comes from.
-Every variant's numbers, its whole config, its seconds per stage and the reports of block reconstruction
-and distillation (whether each was kept, its errors before and after) go to a JSON file (``--json``; by default ``docs/bench/heldout_<model>_<time>.json``).
+Every variant's numbers, its whole config, its seconds per stage, the conv pairs channel equalization
+scaled and the reports of block reconstruction and distillation (whether each was kept, its errors before
+and after) go to a JSON file (``--json``; by default ``docs/bench/heldout_<model>_<time>.json``), rewritten
+after each variant.
 Variants that differ only in their distillation settings share the stages before distillation (run once;
 each variant then distils its own copy, with the same result as a whole run).
 """
@@ -26,6 +28,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import platform
@@ -121,7 +124,7 @@ def _quantized(model: torch.nn.Module, calibration: PatchSource, config: OAQConf
     """
     if not config.distillation.enabled or config.finetune.enabled:
         result = run_pipeline(model, calibration, config)
-        return result.model, dict(result.timings), result.report_dicts()
+        return result.model, dict(result.timings), {**result.report_dicts(), 'equalization': _pairs(result)}
     earlier = config.to_dict()
     earlier['distillation'] = {'enabled': False}
     key = json.dumps(earlier, sort_keys=True)
@@ -133,12 +136,17 @@ def _quantized(model: torch.nn.Module, calibration: PatchSource, config: OAQConf
     report = DistillationStage().run(StageContext(qmodel=qmodel, batches=[], config=config, float_model=model,
                                                   source=calibration))
     timings = {**base.timings, 'distillation_s': time.perf_counter() - start}
-    return qmodel, timings, {**base.report_dicts(), 'distillation': report.to_dict()}
+    return qmodel, timings, {**base.report_dicts(), 'distillation': report.to_dict(), 'equalization': _pairs(base)}
+
+
+def _pairs(result: Any) -> List[Dict[str, Any]]:
+    """The conv pairs channel equalization scaled in a pipeline result."""
+    return [dataclasses.asdict(pair) for pair in result.equalized]
 
 
 def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence[torch.Tensor], scale: int,
             variants: Sequence[Mapping[str, Any]], base: Mapping[str, Any], split: bool = True,
-            per_layer: bool = False, log=print) -> List[Dict[str, Any]]:
+            per_layer: bool = False, log=print, on_record=None) -> List[Dict[str, Any]]:
     """Quantize ``model`` once per variant and measure the fidelity PSNR-Y of its output against the float
     output on ``held_out`` inputs; with ``split``, also with only the weights or only the activations
     quantized (the other quantizers bypassed for a while, so the split costs no second quantization); with
@@ -146,7 +154,8 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
 
     Returns one record per variant: the overrides, the whole config, ``fidelity`` (``all`` and, with
     ``split``, ``weights_only`` and ``activations_only``), seconds per stage and in all, and with
-    ``per_layer`` the ``per_layer`` rows.
+    ``per_layer`` the ``per_layer`` rows. ``on_record`` is called with the records so far after each variant
+    (so a long run that is stopped keeps what it measured).
     """
     with torch.no_grad():
         references = [to_uint8(model(x)) for x in held_out]
@@ -174,10 +183,13 @@ def measure(model: torch.nn.Module, calibration: PatchSource, held_out: Sequence
             log(f'{extra} activations only {scores["activations_only"]:.3f}')
         record = {'overrides': extra, 'config': config.to_dict(), 'fidelity_psnr_y': scores,
                   'stage_seconds': timings, 'quantize_seconds': seconds,
-                  'reconstruction': reports.get('reconstruction'), 'distillation': reports.get('distillation')}
+                  'equalization': reports.get('equalization'), 'reconstruction': reports.get('reconstruction'),
+                  'distillation': reports.get('distillation')}
         if per_layer:
             record['per_layer'] = per_layer_costs(qmodel, fidelity, scores['all'], log)
         records.append(record)
+        if on_record is not None:
+            on_record(records)
     return records
 
 
@@ -204,12 +216,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     calibration = PatchSource([read_image(p) for p in files[:CALIBRATION_IMAGES]])
     held_out = [centre_crop(read_image(p), HELD_OUT_CROP)[None] for p in files[CALIBRATION_IMAGES:]]
     print(f'{args.model}: fidelity PSNR-Y vs FP on {len(held_out)} held-out SunHays80 crops', flush=True)
-    records = measure(model, calibration, held_out, scale, overrides, BASES[args.base], split=not args.no_split,
-                      per_layer=args.per_layer, log=lambda line: print(line, flush=True))
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     path = Path(args.json) if args.json else ROOT / 'docs' / 'bench' / f'heldout_{args.model}_{stamp}.json'
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
+    header = {
         'command': 'python tools/heldout_fidelity.py ' + ' '.join(
             f'"{a}"' if (' ' in a or '{' in a) else a for a in (argv if argv is not None else sys.argv[1:])),
         'model': args.model, 'base': args.base, 'torch_threads': torch.get_num_threads(),
@@ -217,8 +227,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         'calibration': f'SunHays80 LR x{scale} images 1-{CALIBRATION_IMAGES}',
         'held_out': (f'SunHays80 LR x{scale} images {CALIBRATION_IMAGES + 1}-{len(files)}, '
                      f'{HELD_OUT_CROP}-px centre crops'),
-        'metric': 'fidelity PSNR-Y (quantized vs float output, crop = scale, uint8)',
-        'variants': records}, indent=1) + '\n')
+        'metric': 'fidelity PSNR-Y (quantized vs float output, crop = scale, uint8)'}
+
+    def write(records: List[Dict[str, Any]]) -> None:
+        partial = path.with_name(path.name + '.partial')
+        partial.write_text(json.dumps({**header, 'variants': records}, indent=1) + '\n')
+        partial.replace(path)
+
+    measure(model, calibration, held_out, scale, overrides, BASES[args.base], split=not args.no_split,
+            per_layer=args.per_layer, log=lambda line: print(line, flush=True), on_record=write)
     print(f'wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}', flush=True)
     return 0
 

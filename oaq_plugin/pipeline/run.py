@@ -2,6 +2,8 @@
 at their safe points."""
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -12,6 +14,7 @@ from torch import nn
 from ..config import OAQConfig
 from ..errors import ConfigError, DataError, OAQError
 from ..quant.convert import LayerPlan, convert
+from ..quant.equalization import EqualizedPair, equalize
 from .analysis.end_to_end_check import EndToEndCheck, end_to_end_check
 from .io.patches import PatchSource
 from .resume import DONE, PathLike, PipelineCheckpoint, SafePoint, StopRequest, restore_quantizer_state
@@ -26,6 +29,8 @@ from .stages.search import SearchStage
 # The stages in the order they run: the one list a new stage is added to.
 STAGES: Tuple[Stage, ...] = (CalibrateStage(), SearchStage(), RoundingStage(), ReconstructionStage(),
                              DistillationStage(), FinetuneStage())
+
+logger = logging.getLogger('oaq_plugin')
 
 CalibrationData = Union[PatchSource, Iterable[torch.Tensor]]
 
@@ -43,6 +48,7 @@ class PipelineResult:
         timings: Seconds per stage, ``<name>_s`` for each of :data:`STAGES` (conversion counts as calibration).
         reports: The report of each stage that ran and makes one, by stage name.
         check: The end-to-end check of the quantized network on held-back calibration crops.
+        equalized: The conv pairs channel equalization scaled (empty when it is off or found none).
     """
 
     model: nn.Module
@@ -51,6 +57,7 @@ class PipelineResult:
     timings: Dict[str, float] = field(default_factory=dict)
     reports: Dict[str, StageReport] = field(default_factory=dict)
     check: Optional[EndToEndCheck] = None
+    equalized: List[EqualizedPair] = field(default_factory=list)
 
     def report_dicts(self) -> Dict[str, Optional[Dict[str, Any]]]:
         """Every reporting stage's report as a dict, by stage name (``None`` for one that did not run)."""
@@ -134,6 +141,7 @@ class _Runner:
         self.timings: Dict[str, float] = {}
         self.reports: Dict[str, StageReport] = {}
         self.qmodel: Optional[nn.Module] = None
+        self.equalized: List[EqualizedPair] = []
         self.stage_start = time.perf_counter()
 
     def safe_point(self, stage: str) -> SafePoint:
@@ -159,7 +167,7 @@ class _Runner:
 
     def run(self, example: torch.Tensor, saved: Optional[Dict[str, Any]] = None) -> PipelineResult:
         start = time.perf_counter()
-        self.qmodel = convert(self.model, self.config, example)
+        self.qmodel = convert(self._equalized_model(example), self.config, example)
         if saved is not None:
             self._restore(saved)
         convert_seconds = time.perf_counter() - start
@@ -185,7 +193,21 @@ class _Runner:
             self.timings.setdefault(f'{stage.name}_s', 0.0)
         check = end_to_end_check(self.model, self.qmodel, self.source, self.config)
         return PipelineResult(model=self.qmodel, config=self.config, plans=list(self.qmodel.oaq_plans),
-                              timings=self.timings, reports=dict(self.reports), check=check)
+                              timings=self.timings, reports=dict(self.reports), check=check,
+                              equalized=list(self.equalized))
+
+    def _equalized_model(self, example: torch.Tensor) -> nn.Module:
+        """The float network to convert: a channel-equalized copy when equalization is on (the same function;
+        the float network itself stays the teacher and reference), otherwise the network itself. A resumed
+        run recomputes the same copy from the same batches."""
+        settings = self.config.equalization
+        if not settings.enabled:
+            return self.model
+        model = copy.deepcopy(self.model)
+        self.equalized = equalize(model, self.batches, example, settings.strength)
+        logger.info('equalization: %d conv pairs scaled (%d channels)', len(self.equalized),
+                    sum(pair.channels for pair in self.equalized))
+        return model
 
 
 def quantize(model: nn.Module, calib_batches: CalibrationData, config: Union[OAQConfig, dict, None] = None,

@@ -1,6 +1,7 @@
 """The ``oaq_report.json`` of a run: config, per-layer parameters, per-dataset metrics, timings, memory."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -80,8 +81,8 @@ def _json_default(value: Any) -> Any:
 def conversion_fields(result: PipelineResult) -> Dict[str, Any]:
     """What the conversion did beside the layer rows: the multiply-adds at each bit width
     (``macs_by_bits``, with ``total_macs`` on ``macs_input_shape``), every op left in float with its share
-    (``float_ops``), the batch norms folded into convs (``batchnorm_folds``, conv: batch norm), and the
-    end-to-end check (``check``)."""
+    (``float_ops``), the batch norms folded into convs (``batchnorm_folds``, conv: batch norm), the conv pairs
+    channel equalization scaled (``equalized``), and the end-to-end check (``check``)."""
     accounting = getattr(result.model, 'oaq_op_accounting', None)
     counts = accounting.to_dict() if accounting is not None else {}
     return {
@@ -90,6 +91,7 @@ def conversion_fields(result: PipelineResult) -> Dict[str, Any]:
         'macs_input_shape': counts.get('input_shape'),
         'float_ops': counts.get('float_ops'),
         'batchnorm_folds': {plan.name: plan.folded_batchnorm for plan in result.plans if plan.folded_batchnorm},
+        'equalized': [dataclasses.asdict(pair) for pair in result.equalized],
         'check': result.check.to_dict() if result.check is not None else None,
     }
 

@@ -5,9 +5,11 @@ images, after block reconstruction has fitted it block by block.
 What trains: every quantized weight, as an offset from where the earlier stages left it, in units
 of its layer's quantization step (its codes follow the moved weight by rounding to nearest, with a
 straight-through gradient), and the bounds and breakpoints of the activation grids with at most
-``activation_bits`` bits. Weight clips stay as searched. The loss is the squared error of the output relative
-to its float energy, plus, with ``feature_weight``, the same relative error averaged over feature taps (block
-outputs, or layer inputs); the learning rates decay on a cosine. No ground truth is used.
+``activation_bits`` bits, and, with ``float_lr``, every parameter the network keeps in float (the
+quantized layers' biases, PReLU slopes, layers left unquantized). Weight clips stay as searched. The loss
+is the squared error of the output relative to its float energy, plus, with ``feature_weight``, the same
+relative error averaged over feature taps (block outputs, or layer inputs); the learning rates decay on a
+cosine. No ground truth is used.
 
 Before training, each layer's learned rounding is dropped and its weight moved just far enough to round to
 nearest onto the same codes (into its code's rounding interval), so the model is unchanged until it trains.
@@ -28,9 +30,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ...config import DistillationConfig
-from ...quant.activation import activation_quantizers, dropped_quantization, fast_fake_quantization
+from ...quant.activation import (ActivationQuantizer, activation_quantizers, dropped_quantization,
+                                 fast_fake_quantization)
 from ...quant.layers import QuantLayer, quant_layers
 from ...quant.observer import all_finite
+from ...quant.weight import WeightQuantizer
 from ...quant.seeding import seeded_generator
 from ..capture.feature_taps import FeatureTaps, tap_names
 from ..io.patches import PatchSource
@@ -54,6 +58,7 @@ class DistillationReport(StageReport):
     iterations: int = 0
     weight_layers: int = 0
     activation_quantizers: int = 0
+    float_parameters: int = 0
     error_before: float = float('nan')
     error_after: float = float('nan')
     kept: bool = False
@@ -75,8 +80,9 @@ class DistillationReport(StageReport):
             return f'distillation skipped: {self.skipped}'
         gain = self.derived()['gain_db']
         taps = f', {self.feature_taps} {self.tap_kind} feature taps' if self.feature_taps else ''
+        floats = f', {self.float_parameters} float parameters' if self.float_parameters else ''
         return (f'distillation: {self.iterations} iterations on {self.weight_layers} layers\' weights and '
-                f'{self.activation_quantizers} activation grids{taps} in {self.seconds:.1f} s '
+                f'{self.activation_quantizers} activation grids{floats}{taps} in {self.seconds:.1f} s '
                 f'({self.seconds_per_iteration:.2f} s/iteration); relative output error on held-aside crops '
                 f'{self.error_before:.3e} -> {self.error_after:.3e}'
                 + (f' ({gain:+.2f} dB)' if gain is not None else '') + ('' if self.kept else ', not kept'))
@@ -153,6 +159,23 @@ def _activation_parameters(qmodel: nn.Module, max_bits: int) -> List[Tuple[str, 
     return params
 
 
+def _float_parameters(qmodel: nn.Module) -> List[Tuple[str, nn.Parameter, float]]:
+    """``(name, parameter, lr scale)`` for every parameter of ``qmodel`` that stays float: not a quantized
+    layer's weight and not a parameter of a quantizer; the scale is the tensor's mean magnitude (a tensor
+    of zeros does not move)."""
+    quantized = {id(layer.module.weight) for _, layer in quant_layers(qmodel)}
+    for module in qmodel.modules():
+        if isinstance(module, (ActivationQuantizer, WeightQuantizer)):
+            quantized.update(id(p) for p in module.parameters())
+    params, seen = [], set()
+    for name, p in qmodel.named_parameters():
+        if id(p) in quantized or id(p) in seen or not p.is_floating_point():
+            continue
+        seen.add(id(p))
+        params.append((name, p, max(float(p.detach().abs().mean()), 1e-12)))
+    return params
+
+
 @torch.no_grad()
 def _float_outputs(fp_model: nn.Module, crops: torch.Tensor, chunk: int) -> Optional[List[torch.Tensor]]:
     """The float network's output on ``crops``, one tensor per chunk; ``None`` when its output is not one
@@ -210,15 +233,15 @@ class _FeatureTerm:
 
 
 @contextlib.contextmanager
-def _training_setup(offsets: List[_WeightOffset], act_params: List[Tuple[str, nn.Parameter, float]]
+def _training_setup(offsets: List[_WeightOffset], params: List[Tuple[str, nn.Parameter, float]]
                     ) -> Iterator[None]:
-    """While active, each layer computes with its offset weight and the trained activation parameters take
-    gradients."""
+    """While active, each layer computes with its offset weight and the parameters trained in place
+    (activation grids, float parameters) take gradients."""
     executors = [(o.layer, o.layer.executor) for o in offsets]
-    grads = [(p, p.requires_grad) for _, p, _ in act_params]
+    grads = [(p, p.requires_grad) for _, p, _ in params]
     for offset in offsets:
         offset.layer.executor = offset.forward
-    for _, p, _ in act_params:
+    for _, p, _ in params:
         p.requires_grad_(True)
     try:
         yield
@@ -269,23 +292,28 @@ def distill(context: StageContext) -> DistillationReport:
             logger.info('distillation skipped: %s', report.skipped)
             return report
         act_params = _activation_parameters(qmodel, settings.activation_bits)
+        float_params = _float_parameters(qmodel) if settings.float_lr > 0 else []
         trainable = _trainable_weights(qmodel)
-        if not trainable and not act_params:
+        if not trainable and not act_params and not float_params:
             report.skipped = 'no weight or activation grid to train'
             logger.info('distillation skipped: %s', report.skipped)
             return report
         offsets = [_WeightOffset(layer) for layer in trainable]
         report.weight_layers, report.activation_quantizers = len(offsets), len({n.rsplit('.', 1)[0]
                                                                                for n, _, _ in act_params})
+        report.float_parameters = sum(p.numel() for _, p, _ in float_params)
         groups = [{'params': [o.offset], 'lr': settings.weight_lr, 'base': settings.weight_lr} for o in offsets]
         groups += [{'params': [p], 'lr': settings.act_lr * scale, 'base': settings.act_lr * scale}
                    for _, p, scale in act_params]
+        groups += [{'params': [p], 'lr': settings.float_lr * scale, 'base': settings.float_lr * scale}
+                   for _, p, scale in float_params]
+        params = act_params + float_params  # trained in place, and put back when not kept
         optimizer = torch.optim.Adam(groups)
         generator = seeded_generator(settings.seed, 'distillation')
         drop_generator = seeded_generator(settings.seed, 'distillation drop')
         saved = context.saved
         if saved is None:
-            initial = {name: p.detach().clone() for name, p, _ in act_params}
+            initial = {name: p.detach().clone() for name, p, _ in params}
             report.error_before = _check_error(qmodel, check, targets, settings.batch_size)
             first, previous_seconds = 0, 0.0
         else:
@@ -299,8 +327,8 @@ def distill(context: StageContext) -> DistillationReport:
             generator.set_state(saved['generator'])
             if 'drop_generator' in saved:  # absent from states saved before the drop existed
                 drop_generator.set_state(saved['drop_generator'])
-        stack.enter_context(_training_setup(offsets, act_params))
-        stack.enter_context(only_trained(qmodel, [p for _, p, _ in act_params]))
+        stack.enter_context(_training_setup(offsets, params))
+        stack.enter_context(only_trained(qmodel, [p for _, p, _ in params]))
         stack.enter_context(fast_fake_quantization(qmodel))
         stack.enter_context(dropped_quantization(activation_quantizers(qmodel), settings.drop_prob,
                                                  drop_generator))
@@ -353,7 +381,7 @@ def distill(context: StageContext) -> DistillationReport:
     report.error_after = float('nan') if failed else _check_error(qmodel, check, targets, settings.batch_size)
     report.kept = not failed and report.error_after < report.error_before
     if not report.kept:
-        _put_back(offsets, act_params, initial)
+        _put_back(offsets, params, initial)
         report.skipped = failed
     report.seconds = previous_seconds + time.perf_counter() - start_time
     report.seconds_per_iteration = train_seconds / max(done, 1)
@@ -370,10 +398,10 @@ def _skip_reason(qmodel: nn.Module, fp_model: Optional[nn.Module], source: Optio
 
 
 @torch.no_grad()
-def _put_back(offsets: List[_WeightOffset], act_params: List[Tuple[str, nn.Parameter, float]],
+def _put_back(offsets: List[_WeightOffset], params: List[Tuple[str, nn.Parameter, float]],
               initial: Dict[str, torch.Tensor]) -> None:
-    """Undo the training: each weight back on its grid value, each activation parameter to its start."""
+    """Undo the training: each weight back on its grid value, each parameter trained in place to its start."""
     for offset in offsets:
         offset.put_back()
-    for name, p, _ in act_params:
+    for name, p, _ in params:
         p.copy_(initial[name])
