@@ -29,17 +29,22 @@ def test_variants_are_merged_into_the_base_section_by_section():
     assert tool.merged(tool.BASES['default'], {}) == {}
 
 
-def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypatch):
+def tool_on_tiny_world(tmp_path, monkeypatch):
+    """The tool, reading 62 tiny SunHays80 images under ``tmp_path`` and quantizing a tiny network for any model."""
     tool = load_tool('heldout_fidelity')
     folder = tmp_path / 'data/calib/SunHays80/LR_bicubic/X2'
     folder.mkdir(parents=True)
-    images = tiny_images(count=62, size=16)
-    for index, image in enumerate(images):
+    for index, image in enumerate(tiny_images(count=62, size=16)):
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
             folder / f'{index:03d}.png')
     torch.manual_seed(0)
     monkeypatch.setattr(tool, 'shared_root', lambda: tmp_path)
     monkeypatch.setattr(tool, 'build_zoo_model', lambda key, shared: TinyResSR().eval())
+    return tool
+
+
+def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypatch):
+    tool = tool_on_tiny_world(tmp_path, monkeypatch)
     out = tmp_path / 'bench.json'
     assert tool.main(['--model', 'imdn_x2', '--base', 'default', '--json', str(out), '--per-layer',
                       repr({**TINY, 'w_bits': 4, 'a_bits': 4, 'reconstruction': {'enabled': False},
@@ -68,15 +73,7 @@ def test_main_measures_each_variant_and_writes_stage_seconds(tmp_path, monkeypat
 
 
 def test_each_variant_is_written_as_soon_as_it_is_measured(tmp_path, monkeypatch):
-    tool = load_tool('heldout_fidelity')
-    folder = tmp_path / 'data/calib/SunHays80/LR_bicubic/X2'
-    folder.mkdir(parents=True)
-    for index, image in enumerate(tiny_images(count=62, size=16)):
-        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
-            folder / f'{index:03d}.png')
-    torch.manual_seed(0)
-    monkeypatch.setattr(tool, 'shared_root', lambda: tmp_path)
-    monkeypatch.setattr(tool, 'build_zoo_model', lambda key, shared: TinyResSR().eval())
+    tool = tool_on_tiny_world(tmp_path, monkeypatch)
     out = tmp_path / 'bench.json'
     real_quantized = tool._quantized
 

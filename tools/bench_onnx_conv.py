@@ -5,9 +5,9 @@ of a whole quantized network (``tools/bench_onnx.py``).
 
 Forms: ``Conv`` fp32; ``ConvInteger`` (int32 output) with int8 or uint8 activations times int8 or uint8
 weights (the export uses uint8 x uint8, the one form exact on every CPU); ``QLinearConv`` (requantized
-uint8/int8 output, per-channel weight scales, bias fused) with the same operand types. Random codes; the timing does not depend
-on the values. The rows run in turn in one process (one run of each per round), median of ``--runs`` rounds
-after ``--warmup``.
+uint8/int8 output, per-channel weight scales, bias fused) with the same operand types. Random codes; the
+timing does not depend on the values. The rows run in turn in one process (one run of each per round),
+median of ``--runs`` rounds after ``--warmup``.
 
     python tools/bench_onnx_conv.py --out docs/bench --name onnx_conv_forms_cpu
     python tools/bench_onnx_conv.py --channels 64 --height 180 --width 320 --threads 1 2

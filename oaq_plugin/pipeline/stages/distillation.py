@@ -34,8 +34,8 @@ from ...quant.activation import (ActivationQuantizer, activation_quantizers, dro
                                  fast_fake_quantization)
 from ...quant.layers import QuantLayer, quant_layers
 from ...quant.observer import all_finite
-from ...quant.weight import WeightQuantizer
 from ...quant.seeding import seeded_generator
+from ...quant.weight import WeightQuantizer
 from ..capture.feature_taps import FeatureTaps, tap_names
 from ..io.patches import PatchSource
 from .base import Stage, StageContext, StageReport, only_trained
