@@ -39,6 +39,7 @@ from ...quant.weight import WeightQuantizer
 from ..capture.feature_taps import FeatureTaps, tap_names
 from ..io.patches import PatchSource
 from .base import Stage, StageContext, StageReport, only_trained
+from .distillation_length import planned_iterations
 from .search import relative_error
 
 logger = logging.getLogger('oaq_plugin')
@@ -56,6 +57,7 @@ class DistillationReport(StageReport):
     result was kept."""
 
     iterations: int = 0
+    planned: int = 0
     weight_layers: int = 0
     activation_quantizers: int = 0
     float_parameters: int = 0
@@ -81,7 +83,8 @@ class DistillationReport(StageReport):
         gain = self.derived()['gain_db']
         taps = f', {self.feature_taps} {self.tap_kind} feature taps' if self.feature_taps else ''
         floats = f', {self.float_parameters} float parameters' if self.float_parameters else ''
-        return (f'distillation: {self.iterations} iterations on {self.weight_layers} layers\' weights and '
+        planned = '' if self.planned == self.iterations else f' (of {self.planned} planned)'
+        return (f'distillation: {self.iterations} iterations{planned} on {self.weight_layers} layers\' weights and '
                 f'{self.activation_quantizers} activation grids{floats}{taps} in {self.seconds:.1f} s '
                 f'({self.seconds_per_iteration:.2f} s/iteration); relative output error on held-aside crops '
                 f'{self.error_before:.3e} -> {self.error_after:.3e}'
@@ -308,6 +311,7 @@ def distill(context: StageContext) -> DistillationReport:
         groups += [{'params': [p], 'lr': settings.float_lr * scale, 'base': settings.float_lr * scale}
                    for _, p, scale in float_params]
         params = act_params + float_params  # trained in place, and put back when not kept
+        total = report.planned = planned_iterations(qmodel, check[:1], settings)
         optimizer = torch.optim.Adam(groups)
         generator = seeded_generator(settings.seed, 'distillation')
         drop_generator = seeded_generator(settings.seed, 'distillation drop')
@@ -337,14 +341,14 @@ def distill(context: StageContext) -> DistillationReport:
             features = _FeatureTerm(fp_model, qmodel, check[:1])
             stack.callback(features.remove)
             report.tap_kind = features.kind
-        bar = stack.enter_context(tqdm(total=settings.iterations, initial=first, desc='distillation', unit='it',
+        bar = stack.enter_context(tqdm(total=total, initial=first, desc='distillation', unit='it',
                                        disable=not context.progress, leave=False))
-        window = max(1, settings.iterations // 4)
+        window = max(1, total // 4)
         running = saved['running'] if saved is not None else 0.0
         failed = ''
         done = first
         loop_start = time.perf_counter()
-        for iteration in range(first, settings.iterations):
+        for iteration in range(first, total):
             context.safe_point(lambda: {
                 'iteration': iteration, 'offsets': [o.offset.detach().clone() for o in offsets],
                 'optimizer': optimizer.state_dict(), 'generator': generator.get_state(),
@@ -352,7 +356,7 @@ def distill(context: StageContext) -> DistillationReport:
                 'error_before': report.error_before, 'losses': list(report.losses), 'running': running,
                 'seconds': previous_seconds + time.perf_counter() - loop_start})
             for group in optimizer.param_groups:
-                group['lr'] = _cosine(group['base'], iteration, settings.iterations)
+                group['lr'] = _cosine(group['base'], iteration, total)
             batch = source.batch(settings.batch_size, settings.patch_size, generator, augment=True).to(device)
             with torch.no_grad():
                 target = fp_model(batch)
@@ -369,7 +373,7 @@ def distill(context: StageContext) -> DistillationReport:
             optimizer.step()
             done = iteration + 1
             running += float(loss.detach())
-            if (iteration + 1) % window == 0 or iteration + 1 == settings.iterations:
+            if (iteration + 1) % window == 0 or iteration + 1 == total:
                 report.losses.append(running / ((iteration % window) + 1))
                 running = 0.0
             bar.update(1)
