@@ -24,7 +24,8 @@ from ...quant.op_accounting import count_operations
 
 # Multiply-add equivalents of one value entering an activation quantizer, and of one quantized layer's
 # fixed per-step cost. Fit by least squares to one-thread CPU times of a distillation step of the zoo's
-# IMDN, RFDN, PAN, CARN-M and SRVGG x4 (batch 2 of 48-px crops): the fit is within 6 % of each.
+# IMDN, RFDN, PAN, CARN-M and SRVGG x4 (batch 2 of 48-px crops): within 10 % of each, re-measured with
+# tools/distillation_step_cost.py.
 ELEMENT_WORK = 160.0
 LAYER_WORK = 2.5e7
 # The unit of ``DistillationConfig.work_budget``.
