@@ -19,6 +19,7 @@ from torch import nn
 
 from ...config import DistillationConfig
 from ...quant.attention import QuantMatmul
+from ...quant.forward_hooks import forward_hooks
 from ...quant.layers import QuantLayer, quant_layers
 from ...quant.op_accounting import count_operations
 
@@ -54,23 +55,16 @@ class StepWork:
 
 @torch.no_grad()
 def step_work(qmodel: nn.Module, crop: torch.Tensor, batch_size: int) -> StepWork:
-    """Count the work of a step of ``batch_size`` crops shaped like ``crop`` (one crop, ``(1, C, H, W)``)."""
-    macs = count_operations(qmodel, crop).total_macs
+    """Count the work of a step of ``batch_size`` crops shaped like ``crop`` (one crop, ``(1, C, H, W)``), on
+    the one forward that counts the multiply-adds."""
     counted = [0]
 
-    def count(_module: nn.Module, inputs: tuple) -> None:
+    def count(_name: str, _module: nn.Module, inputs: tuple) -> None:
         counted[0] += sum(x.numel() for x in inputs if isinstance(x, torch.Tensor))
 
-    quantized = [m for m in qmodel.modules() if isinstance(m, (QuantLayer, QuantMatmul))]
-    handles = [module.register_forward_pre_hook(count) for module in quantized]
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        qmodel(crop)
-    finally:
-        for handle in handles:
-            handle.remove()
-        qmodel.train(was_training)
+    quantized = [(name, m) for name, m in qmodel.named_modules() if isinstance(m, (QuantLayer, QuantMatmul))]
+    with forward_hooks(quantized, count, pre=True):
+        macs = count_operations(qmodel, crop).total_macs
     return StepWork(macs=macs, quantized_values=counted[0], layers=len(quant_layers(qmodel)), batch_size=batch_size)
 
 
